@@ -1,0 +1,18 @@
+"""worm: Early-Bird lottery-ticket search with WORM gradient truncation.
+
+See README.md; the semantics are pinned in shared/METHOD.md and implemented by
+:mod:`worm.reference`, the oracle every kernel is tested against.
+"""
+from . import reference
+from ._ops import backend, backend_info
+from .optim import WormSGD, truncation_pre_hook
+from .search import EarlyBird, Record
+from .ticket import apply_masks, remove_masks
+from .prune import prune_channels
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "reference", "backend", "backend_info", "WormSGD", "truncation_pre_hook",
+    "EarlyBird", "Record", "apply_masks", "remove_masks", "prune_channels",
+]

