@@ -234,11 +234,13 @@ def window_stats(counts: Sequence[int], n: int) -> tuple:
 # ------------------------------------------------------------------ truncation
 def truncate_(grads: Sequence[torch.Tensor], keep_bits: Sequence[torch.Tensor], r: float) -> None:
     """In place: g <- g * (keep ? 1 : r). ``keep_bits[i]`` is the packed mask of grads[i]."""
+    # The product is formed in fp32 and rounded once to the gradient's dtype (for
+    # fp32 gradients this is exactly a hook computing ``g * where(keep, 1, r)``).
     for g, bits in zip(grads, keep_bits):
         keep = unpack(bits, [g.shape])[0]
-        scale = torch.where(keep, torch.ones((), dtype=g.dtype, device=g.device),
-                            torch.full((), r, dtype=g.dtype, device=g.device))
-        g.mul_(scale)
+        scale = torch.where(keep, torch.ones((), device=g.device),
+                            torch.full((), float(r), dtype=torch.float32, device=g.device))
+        g.copy_(g.float() * scale)
 
 
 def sgd_step_(params, grads, momentum_buffers, keep_bits, *, r: float, lr: float,
