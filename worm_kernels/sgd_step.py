@@ -1,0 +1,169 @@
+"""One fused WormSGD step over many parameters: truncation, then torch.optim.SGD.
+
+Reads param, grad, momentum buffer and packed keep bits once, writes param and buffer
+once; grads are untouched. The math is fp32, but every intermediate is rounded to the
+parameter dtype exactly where torch's op-by-op SGD rounds (each ``add``/``mul`` of the
+reference ends in a tensor of that dtype), so bf16/fp16 follow the same rounding path.
+
+Tolerance against ``worm.reference.sgd_step_``: fp32 is bitwise except where an
+``a + alpha * b`` is contracted to an FMA on one side and not the other (torch's CPU
+vector kernels use fmadd; the Triton interpreter never fuses; Triton on CUDA may):
+then 1 ulp of the result. bf16/fp16: at most 1 ulp of the param dtype per step (the
+same FMA question, seen through one more rounding). ``r == 1`` skips truncation
+entirely, so it is exactly the untruncated step.
+
+Scalars (lr, r, weight decay, momentum, dampening) are runtime arguments: changing
+them never recompiles. The flags (momentum on, nesterov, maximize, weight decay on)
+are compile-time, fixed for an optimizer's life.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+
+BLOCK = 1024
+# Per-tensor flags in the table.
+_INIT = 1      # buffer was None: write the clone of the (truncated, decayed) grad
+_TRUNC = 2     # this param has keep bits
+
+
+@triton.jit
+def _sgd_kernel(p_tab, g_tab, m_tab, b_tab, n_tab, f_tab, prog_t, prog_s,
+                r, lr, wd, mom, one_minus_damp,
+                DT: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr,
+                NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, DO_TRUNC: tl.constexpr,
+                BLK: tl.constexpr, ITERS: tl.constexpr, EMU: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(prog_t + pid)
+    start = tl.load(prog_s + pid)
+    p_ptr = tl.load(p_tab + t).to(tl.pointer_type(DT))
+    g_ptr = tl.load(g_tab + t).to(tl.pointer_type(DT))
+    n = tl.load(n_tab + t)
+    flags = tl.load(f_tab + t)
+    rr = tl.cast(r, tl.float32)
+    neg_lr = -tl.cast(lr, tl.float32)
+    wd = tl.cast(wd, tl.float32)
+    mom = tl.cast(mom, tl.float32)
+    one_minus_damp = tl.cast(one_minus_damp, tl.float32)
+    for it in range(ITERS):
+        e = start + it * BLK + tl.arange(0, BLK).to(tl.int64)
+        m = e < n
+        g = tl.load(g_ptr + e, mask=m, other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + e, mask=m, other=0.0).to(tl.float32)
+        if DO_TRUNC:
+            if (flags & 2) != 0:
+                b_ptr = tl.load(b_tab + t).to(tl.pointer_type(tl.uint8))
+                byte = tl.load(b_ptr + (e >> 3), mask=m, other=0).to(tl.int32)
+                keep = ((byte >> (e & 7).to(tl.int32)) & 1) != 0
+                g = tl.where(keep, g, C.round_to(g * rr, DT))
+        if MAXIMIZE:
+            g = -g
+        if HAS_WD:
+            g = C.round_to(C.fma(p, wd, g, EMU), DT)
+        if HAS_MOM:
+            m_ptr = tl.load(m_tab + t).to(tl.pointer_type(DT))
+            if (flags & 1) != 0:
+                buf = g
+            else:
+                buf = tl.load(m_ptr + e, mask=m, other=0.0).to(tl.float32)
+                buf = C.round_to(buf * mom, DT)
+                buf = C.round_to(C.fma(g, one_minus_damp, buf, EMU), DT)
+            tl.store(m_ptr + e, buf.to(DT), mask=m)
+            if NESTEROV:
+                g = C.round_to(C.fma(buf, mom, g, EMU), DT)
+            else:
+                g = buf
+        p = C.round_to(C.fma(g, neg_lr, p, EMU), DT)
+        tl.store(p_ptr + e, p.to(DT), mask=m)
+
+
+def _check(params, grads, bufs, bits):
+    params = C.check_list(params, "sgd_step_ params")
+    T = len(params)
+    grads, bufs, bits = list(grads), list(bufs), list(bits)
+    for name, lst in (("grads", grads), ("momentum_buffers", bufs), ("keep_bits", bits)):
+        if len(lst) != T:
+            raise ValueError(f"{T} params but {len(lst)} {name}")
+    device = params[0].device
+    for i, (p, g, b, kb) in enumerate(zip(params, grads, bufs, bits)):
+        C.check_contiguous(p, f"params[{i}]")
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"grads[{i}] is a {type(g).__name__}, not a tensor")
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != device:
+            raise ValueError(f"grads[{i}] is {g.dtype} {tuple(g.shape)} on {g.device}; its "
+                             f"param is {p.dtype} {tuple(p.shape)} on {device}")
+        C.check_contiguous(g, f"grads[{i}]")
+        if b is not None:
+            if b.shape != p.shape or b.dtype != p.dtype or b.device != device:
+                raise ValueError(f"momentum_buffers[{i}] is {b.dtype} {tuple(b.shape)} on "
+                                 f"{b.device}; its param is {p.dtype} {tuple(p.shape)}")
+            C.check_contiguous(b, f"momentum_buffers[{i}]")
+        if kb is not None:
+            C.check_bits(kb, p.numel(), device, f"keep_bits[{i}]")
+    return params, grads, bufs, bits
+
+
+def _tables(params, grads, bufs, bits, flags, device):
+    numels = [p.numel() for p in params]
+    pk = C.Packer()
+    pk.add("p", [p.data_ptr() for p in params])
+    pk.add("g", [g.data_ptr() for g in grads])
+    pk.add("m", [b.data_ptr() if b is not None else 0 for b in bufs])
+    pk.add("b", [b.data_ptr() if b is not None else 0 for b in bits])
+    pk.add("n", numels)
+    pk.add("f", flags)
+    blk = C.block_for(device, BLOCK)
+    iters = C.pick_iters(sum(numels), blk)
+    groups = []
+    for dt in sorted({p.dtype for p in params}, key=str):
+        idx = [i for i, p in enumerate(params) if p.dtype == dt]
+        pt, ps = C.program_map([numels[i] for i in idx], blk * iters)
+        pk.add(f"pt_{dt}", [idx[j] for j in pt])
+        pk.add(f"ps_{dt}", ps)
+        groups.append((dt, len(pt)))
+    return {"tab": pk.build(device), "iters": iters, "groups": groups, "blk": blk}
+
+
+def sgd_step_(params, grads, momentum_buffers, keep_bits, *, r, lr, weight_decay,
+              momentum, dampening, nesterov, maximize):
+    """One fused step; returns the momentum buffers (new tensors where None came in)."""
+    params, grads, bufs, bits = _check(params, grads, momentum_buffers, keep_bits)
+    device = params[0].device
+    r = float(r)
+    do_trunc = r != 1.0 and any(b is not None for b in bits)
+    has_mom = momentum != 0
+    flags = []
+    if has_mom:
+        bufs = list(bufs)
+        for i, p in enumerate(params):
+            init = bufs[i] is None
+            if init:  # every entry is written by the kernel (flag _INIT)
+                bufs[i] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            flags.append((_INIT if init else 0) | (_TRUNC if bits[i] is not None else 0))
+    else:
+        flags = [_TRUNC if b is not None else 0 for b in bits]
+    key = ("sgd", device, has_mom, tuple(flags),
+           tuple((p.data_ptr(), g.data_ptr(), p.numel(), p.dtype,
+                  b.data_ptr() if (has_mom and b is not None) else 0,
+                  kb.data_ptr() if kb is not None else 0)
+                 for p, g, b, kb in zip(params, grads, bufs, bits)))
+    plan = C.cached(key, lambda: _tables(params, grads, bufs if has_mom else [None] * len(params),
+                                         bits, flags, device))
+    tab = plan["tab"]
+    with C.launch_ctx(device):
+        for dt, nprog in plan["groups"]:
+            _sgd_kernel[(nprog,)](
+                tab["p"], tab["g"], tab["m"], tab["b"], tab["n"], tab["f"],
+                tab[f"pt_{dt}"], tab[f"ps_{dt}"],
+                r, float(lr), float(weight_decay), float(momentum), float(1 - dampening),
+                DT=C.TL_DTYPE[dt], HAS_WD=weight_decay != 0, HAS_MOM=has_mom,
+                NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), DO_TRUNC=do_trunc,
+                BLK=plan["blk"], ITERS=plan["iters"], EMU=device.type != "cuda",
+                num_warps=4)
+    return bufs
+
+
+__all__ = ["sgd_step_"]
