@@ -1,0 +1,35 @@
+// The op schemas (torch.ops.worm.*) and the Python module worm._C, which records
+// the torch it was built against so the loader can refuse a stale build.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef WORM_TORCH_VERSION
+#define WORM_TORCH_VERSION "unknown"
+#endif
+#ifndef WORM_WITH_CUDA
+#define WORM_WITH_CUDA 0
+#endif
+
+TORCH_LIBRARY(worm, m) {
+  m.def("select_thresholds(Tensor[] tensors, int[] ks, str scope) -> (Tensor, Tensor)");
+  m.def("mask_update_(Tensor[] tensors, Tensor thr, Tensor(a!) window, int head) -> Tensor");
+  m.def("truncate_(Tensor(a!)[] grads, Tensor[] keep_bits, float r) -> ()");
+  // momentum_buffers: one per param (allocated by the caller) or none when momentum
+  // == 0; fresh[i] != 0 marks a buffer that this step initialises, as torch.optim.SGD
+  // does on its first step.
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "int[] fresh, Tensor?[] keep_bits, *, float r, float lr, float weight_decay, "
+      "float momentum, float dampening, bool nesterov, bool maximize) -> ()");
+}
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C",
+                            "worm's native ops; they register as torch.ops.worm.*", -1,
+                            nullptr};
+  PyObject* m = PyModule_Create(&def);
+  if (m == nullptr) return nullptr;
+  PyModule_AddStringConstant(m, "torch_version", WORM_TORCH_VERSION);
+  PyModule_AddIntConstant(m, "with_cuda", WORM_WITH_CUDA);
+  return m;
+}

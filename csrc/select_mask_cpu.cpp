@@ -1,0 +1,370 @@
+// CPU: exact threshold selection (radix select on fp32 bit patterns) and the fused
+// mask update (compare, pack, write window[head], XOR-popcount every row), one pass.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "common.h"
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+namespace worm {
+namespace {
+
+constexpr uint32_t kInfKey = 0x7f800000u;  // |w| keys at or above this are Inf/NaN
+
+// A run of entries of one tensor.
+struct Src {
+  const void* p;
+  int64_t n;
+  int32_t dt;
+};
+struct Chunk {
+  int32_t src;
+  int64_t begin, end;
+};
+
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Key of an entry: the fp32 bit pattern of |w|. For non-negative floats (and the
+// NaN patterns above +inf) unsigned order of keys is numeric order.
+template <int DT>
+inline uint32_t key_at(const void* p, int64_t i) {
+  if constexpr (DT == kF32) {
+    uint32_t u;
+    std::memcpy(&u, static_cast<const char*>(p) + 4 * i, 4);
+    return u & 0x7fffffffu;
+  } else {
+    uint16_t h = static_cast<const uint16_t*>(p)[i] & 0x7fffu;
+    if constexpr (DT == kBF16) return uint32_t(h) << 16;
+    else return f32_bits(c10::detail::fp16_ieee_to_fp32_value(h));
+  }
+}
+
+template <class F>
+inline void dispatch_dt(int32_t dt, F&& f) {
+  if (dt == kF32) f(std::integral_constant<int, kF32>{});
+  else if (dt == kBF16) f(std::integral_constant<int, kBF16>{});
+  else f(std::integral_constant<int, kF16>{});
+}
+
+std::vector<Chunk> make_chunks(const std::vector<Src>& srcs, int64_t chunk) {
+  std::vector<Chunk> out;
+  for (size_t s = 0; s < srcs.size(); ++s)
+    for (int64_t b = 0; b < srcs[s].n; b += chunk)
+      out.push_back({int32_t(s), b, std::min(srcs[s].n, b + chunk)});
+  return out;
+}
+
+// Runs fn(task, chunk_begin, chunk_end) over `tasks` static slices of nchunks.
+template <class F>
+void run_tasks(int64_t nchunks, int64_t tasks, bool parallel, F&& fn) {
+  if (!parallel || tasks <= 1) {
+    for (int64_t t = 0; t < tasks; ++t) fn(t, nchunks * t / tasks, nchunks * (t + 1) / tasks);
+    return;
+  }
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) fn(t, nchunks * t / tasks, nchunks * (t + 1) / tasks);
+  });
+}
+
+// The key of the k-th smallest entry (1 <= k <= total) of srcs: one histogram pass per
+// digit, each pass looking only at keys that share the digits chosen so far.
+// nonfinite[s] gets the count of Inf/NaN entries of srcs[s] (first pass).
+uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel,
+                      int64_t* nonfinite) {
+  int64_t total = 0;
+  bool all_bf16 = true, all_f16 = true;
+  for (const auto& s : srcs) {
+    total += s.n;
+    all_bf16 &= s.dt == kBF16;
+    all_f16 &= s.dt == kF16;
+  }
+  // bf16 and fp16 keys have zero low bits: fewer digits to resolve.
+  const int low = all_bf16 ? 16 : (all_f16 ? 13 : 0);
+  const int max_digit = total < 4096 ? 8 : 11;  // small sets: small histograms
+  const int nbits = 31 - low;
+  const int npass = (nbits + max_digit - 1) / max_digit;
+
+  const int64_t chunk = 1 << 16;
+  auto chunks = make_chunks(srcs, chunk);
+  const int64_t nchunks = chunks.size();
+  const int64_t tasks = parallel ? std::min<int64_t>(at::get_num_threads(), nchunks) : 1;
+
+  uint32_t prefix = 0;  // the digits chosen so far
+  int pshift = 31;      // keys match when (key >> pshift) == prefix
+  int hi = 31;
+  for (int pass = 0; pass < npass; ++pass) {
+    const int digit = (hi - low + (npass - pass) - 1) / (npass - pass);  // <= max_digit
+    const int shift = hi - digit;
+    const int64_t nbins = int64_t(1) << digit;
+    const uint32_t mask = uint32_t(nbins - 1);
+    const bool first = pass == 0;
+    std::vector<int64_t> hist(tasks * nbins, 0);
+    std::vector<int64_t> nf(first && nonfinite ? tasks * srcs.size() : 0, 0);
+    run_tasks(nchunks, tasks, parallel, [&](int64_t t, int64_t cb, int64_t ce) {
+      int64_t* h = hist.data() + t * nbins;
+      for (int64_t c = cb; c < ce; ++c) {
+        const Chunk& ch = chunks[c];
+        const Src& s = srcs[ch.src];
+        dispatch_dt(s.dt, [&](auto dtc) {
+          constexpr int DT = decltype(dtc)::value;
+          if (first) {
+            int64_t bad = 0;
+            for (int64_t i = ch.begin; i < ch.end; ++i) {
+              uint32_t key = key_at<DT>(s.p, i);
+              bad += key >= kInfKey;
+              h[(key >> shift) & mask]++;
+            }
+            if (!nf.empty()) nf[t * srcs.size() + ch.src] += bad;
+          } else {
+            for (int64_t i = ch.begin; i < ch.end; ++i) {
+              uint32_t key = key_at<DT>(s.p, i);
+              if ((key >> pshift) == prefix) h[(key >> shift) & mask]++;
+            }
+          }
+        });
+      }
+    });
+    for (int64_t t = 1; t < tasks; ++t)
+      for (int64_t b = 0; b < nbins; ++b) hist[b] += hist[t * nbins + b];
+    if (!nf.empty())
+      for (size_t s = 0; s < srcs.size(); ++s) {
+        int64_t c = 0;
+        for (int64_t t = 0; t < tasks; ++t) c += nf[t * srcs.size() + s];
+        nonfinite[s] += c;
+      }
+    int64_t b = 0;
+    while (b < nbins - 1 && hist[b] < k) k -= hist[b++];
+    prefix = (prefix << digit) | uint32_t(b);
+    pshift = shift;
+    hi = shift;
+  }
+  return prefix << low;
+}
+
+std::tuple<at::Tensor, at::Tensor> select_thresholds_cpu(at::TensorList tensors_,
+                                                         at::IntArrayRef ks,
+                                                         c10::string_view scope_) {
+  std::vector<at::Tensor> tensors(tensors_.begin(), tensors_.end());
+  TORCH_CHECK(!tensors.empty(), "worm: select_thresholds got no tensors");
+  check_list(tensors, "tensors", tensors[0].device());
+  TORCH_CHECK(tensors[0].is_cpu(), "worm: the C++ select_thresholds takes CPU tensors");
+  const bool global = check_ks(tensors, ks, std::string(scope_));
+  const int64_t T = tensors.size();
+  std::vector<Src> srcs;
+  for (size_t i = 0; i < tensors.size(); ++i)
+    srcs.push_back({tensors[i].data_ptr(), tensors[i].numel(), dtype_code(tensors[i], "tensors", i)});
+
+  at::Tensor thr = at::empty({T}, at::kFloat);
+  at::Tensor nonfinite = at::zeros({T}, at::kLong);
+  float* thr_p = thr.data_ptr<float>();
+  int64_t* nf_p = nonfinite.data_ptr<int64_t>();
+  const float ninf = -std::numeric_limits<float>::infinity();
+
+  // Non-finite entries are counted in each select's first pass; where k == 0 (no
+  // select runs) they are counted separately.
+  auto count_nonfinite = [&](size_t i) {
+    std::vector<Src> one{srcs[i]};
+    radix_select(one, 1, true, nf_p + i);
+  };
+  if (global) {
+    float t = ninf;
+    if (ks[0] > 0) t = bits_f32(radix_select(srcs, ks[0], true, nf_p));
+    else for (int64_t i = 0; i < T; ++i) count_nonfinite(i);
+    for (int64_t i = 0; i < T; ++i) thr_p[i] = t;
+  } else {
+    // Large tensors: parallel inside; small ones: one serial select each, in parallel.
+    std::vector<int64_t> small;
+    for (int64_t i = 0; i < T; ++i) {
+      if (srcs[i].n < (1 << 17)) { small.push_back(i); continue; }
+      std::vector<Src> one{srcs[i]};
+      thr_p[i] = ks[i] > 0 ? bits_f32(radix_select(one, ks[i], true, nf_p + i)) : ninf;
+      if (ks[i] == 0) count_nonfinite(i);
+    }
+    at::parallel_for(0, small.size(), 4, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+        int64_t i = small[j];
+        std::vector<Src> one{srcs[i]};
+        uint32_t key = radix_select(one, ks[i] > 0 ? ks[i] : 1, false, nf_p + i);
+        thr_p[i] = ks[i] > 0 ? bits_f32(key) : ninf;
+      }
+    });
+  }
+  // Any Inf/NaN: no threshold means anything (the caller raises, naming the tensor).
+  int64_t bad = 0;
+  for (int64_t i = 0; i < T; ++i) bad += nf_p[i];
+  if (bad) thr.fill_(std::numeric_limits<float>::quiet_NaN());
+  return {thr, nonfinite};
+}
+
+// ------------------------------------------------------------------- mask update
+inline uint64_t load8(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+inline int popcount64(uint64_t x) {  // portable: no popcnt instruction assumed
+  x = x - ((x >> 1) & 0x5555555555555555ull);
+  x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+  x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0full;
+  return int((x * 0x0101010101010101ull) >> 56);
+}
+
+// 16-bit types compare in their own bit domain: keep iff T < |h| <= inf, where T is
+// the largest |h| pattern whose value is <= thr (-1: all finite kept; NaN thr: none).
+template <int DT>
+int32_t half_cut(float thr) {
+  const int32_t inf = DT == kBF16 ? 0x7f80 : 0x7c00;
+  if (std::isnan(thr)) return 0x7fff;
+  auto val = [](int32_t a) {
+    return DT == kBF16 ? bits_f32(uint32_t(a) << 16)
+                       : c10::detail::fp16_ieee_to_fp32_value(uint16_t(a));
+  };
+  if (!(val(0) <= thr)) return -1;
+  int32_t lo = 0, hi = inf;  // val(lo) <= thr; find the largest such
+  while (lo < hi) {
+    int32_t mid = (lo + hi + 1) / 2;
+    if (val(mid) <= thr) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Keep bits of 64 consecutive entries starting at p (entry j -> bit j).
+template <int DT>
+inline uint64_t keep_word(const void* p, float thr, int32_t cut) {
+  uint64_t w = 0;
+  if constexpr (DT == kF32) {
+    const float* f = static_cast<const float*>(p);
+#if defined(__SSE2__)
+    const __m128 t = _mm_set1_ps(thr);
+    const __m128 absm = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+    for (int q = 0; q < 16; ++q) {
+      __m128 v = _mm_and_ps(_mm_loadu_ps(f + 4 * q), absm);
+      w |= uint64_t(_mm_movemask_ps(_mm_cmpgt_ps(v, t))) << (4 * q);
+    }
+#else
+    for (int j = 0; j < 64; ++j) w |= uint64_t(std::fabs(f[j]) > thr) << j;
+#endif
+  } else {
+    const uint16_t* h = static_cast<const uint16_t*>(p);
+    const int32_t inf = DT == kBF16 ? 0x7f80 : 0x7c00;
+#if defined(__SSE2__)
+    const __m128i c = _mm_set1_epi16(int16_t(cut)), i16 = _mm_set1_epi16(int16_t(inf));
+    const __m128i absm = _mm_set1_epi16(0x7fff), z = _mm_setzero_si128();
+    for (int q = 0; q < 8; ++q) {
+      __m128i a = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 8 * q)), absm);
+      __m128i m = _mm_andnot_si128(_mm_cmpgt_epi16(a, i16), _mm_cmpgt_epi16(a, c));
+      w |= uint64_t(_mm_movemask_epi8(_mm_packs_epi16(m, z)) & 0xff) << (8 * q);
+    }
+#else
+    for (int j = 0; j < 64; ++j) {
+      int32_t a = h[j] & 0x7fff;
+      w |= uint64_t(a > cut && a <= inf) << j;
+    }
+#endif
+  }
+  return w;
+}
+
+template <int DT>
+inline bool keep_one(const void* p, int64_t i, float thr, int32_t cut) {
+  if constexpr (DT == kF32) return std::fabs(static_cast<const float*>(p)[i]) > thr;
+  const int32_t inf = DT == kBF16 ? 0x7f80 : 0x7c00;
+  int32_t a = static_cast<const uint16_t*>(p)[i] & 0x7fff;
+  return a > cut && a <= inf;
+}
+
+at::Tensor mask_update_cpu(at::TensorList tensors_, const at::Tensor& thr_, const at::Tensor& window,
+                           int64_t head) {
+  std::vector<at::Tensor> tensors(tensors_.begin(), tensors_.end());
+  TORCH_CHECK(!tensors.empty(), "worm: mask_update_ got no tensors");
+  const auto dev = tensors[0].device();
+  TORCH_CHECK(dev.is_cpu(), "worm: the C++ mask_update_ takes CPU tensors");
+  check_list(tensors, "tensors", dev);
+  const int64_t T = tensors.size();
+  check_thr(thr_, T, dev);
+  std::vector<int64_t> off(T + 1, 0);
+  for (int64_t i = 0; i < T; ++i) off[i + 1] = off[i] + packed_nbytes(tensors[i].numel());
+  check_window(window, head, off[T], dev);
+
+  const at::Tensor thr = thr_.contiguous();
+  const float* thr_p = thr.data_ptr<float>();
+  const int64_t L = window.size(0), B = off[T];
+  uint8_t* win = window.data_ptr<uint8_t>();
+
+  // Work units of up to 64 Ki entries (8 KiB of mask), word-aligned within a tensor.
+  struct Unit { int32_t t; int64_t begin, end; };
+  std::vector<Unit> units;
+  std::vector<int32_t> cuts(T), dts(T);
+  for (int64_t i = 0; i < T; ++i) {
+    dts[i] = dtype_code(tensors[i], "tensors", i);
+    dispatch_dt(dts[i], [&](auto dtc) {
+      constexpr int DT = decltype(dtc)::value;
+      if constexpr (DT != kF32) cuts[i] = half_cut<DT>(thr_p[i]);
+    });
+    for (int64_t b = 0; b < tensors[i].numel(); b += 1 << 16)
+      units.push_back({int32_t(i), b, std::min<int64_t>(tensors[i].numel(), b + (1 << 16))});
+  }
+  const int64_t nunits = units.size();
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), nunits);
+  std::vector<int64_t> part(tasks * L, 0);
+  run_tasks(nunits, tasks, true, [&](int64_t task, int64_t ub, int64_t ue) {
+    int64_t* cnt = part.data() + task * L;
+    for (int64_t u = ub; u < ue; ++u) {
+      const Unit& un = units[u];
+      const void* p = tensors[un.t].data_ptr();
+      const float tv = thr_p[un.t];
+      const int32_t cut = cuts[un.t];
+      const int64_t base = off[un.t];
+      dispatch_dt(dts[un.t], [&](auto dtc) {
+        constexpr int DT = decltype(dtc)::value;
+        constexpr int esz = DT == kF32 ? 4 : 2;
+        int64_t e = un.begin;
+        for (; e + 64 <= un.end; e += 64) {
+          uint64_t w = keep_word<DT>(static_cast<const char*>(p) + esz * e, tv, cut);
+          const int64_t byte = base + e / 8;
+          for (int64_t j = 0; j < L; ++j) cnt[j] += popcount64(w ^ load8(win + j * B + byte));
+          std::memcpy(win + head * B + byte, &w, 8);
+        }
+        for (; e < un.end; e += 8) {  // tail: byte by byte, padding bits 0
+          uint32_t byte_v = 0;
+          for (int64_t q = e; q < std::min(e + 8, un.end); ++q)
+            byte_v |= uint32_t(keep_one<DT>(p, q, tv, cut)) << (q - e);
+          const int64_t byte = base + e / 8;
+          for (int64_t j = 0; j < L; ++j) cnt[j] += popcount64(byte_v ^ win[j * B + byte]);
+          win[head * B + byte] = uint8_t(byte_v);
+        }
+      });
+    }
+  });
+  at::Tensor counts = at::zeros({L}, at::kLong);
+  int64_t* c = counts.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tasks; ++t)
+    for (int64_t j = 0; j < L; ++j) c[j] += part[t * L + j];
+  return counts;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(worm, CPU, m) {
+  m.impl("select_thresholds", &select_thresholds_cpu);
+  m.impl("mask_update_", &mask_update_cpu);
+}
+
+}  // namespace worm
