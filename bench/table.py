@@ -93,7 +93,39 @@ def rows_for(name, shapes, device, triton_ok):
               maximize=False)
     add("trunc+sgd", "triton", lambda: __import__("worm_kernels").sgd_step_(ts, grads, bufs, bits, **kw),
         n * 4 * 5 + n // 8, None if triton_ok else "needs CUDA")
+    _backend_rows(add, ts, grads, bufs, bits, k, n, device, triton_ok, kw)
     return rows
+
+
+def _backend_rows(add, ts, grads, bufs, bits, k, n, device, triton_ok, kw):
+    """The whole sampling step (threshold + packed mask + window distances) and the
+    truncation ops through each backend of worm's dispatch, reference included."""
+    from worm import _ops
+    from worm import reference as R
+    window = 5
+    ring = torch.zeros(window, R.byte_offsets([t.numel() for t in ts])[-1], dtype=torch.uint8,
+                       device=device)
+    names = ["reference", "triton", "cuda"] if device.type == "cuda" else ["reference", "cpp"]
+    for name in names:
+        why = _ops._usable(name, device)
+        if name == "triton" and not triton_ok:
+            why = why or "needs CUDA"
+        be = None if why else _ops._load(name)
+        slow = name == "reference" and n > 20_000_000 and device.type == "cpu"
+
+        def sample(be=be):
+            thr, _ = be.select_thresholds(ts, [k], "global")
+            return be.mask_update_(ts, thr, ring, 0)
+
+        # one read of the scores plus the packed mask against `window` rows
+        add("sample", f"{name} backend", sample, n * 4 + window * n // 8,
+            why or ("reference too slow at this size on CPU" if slow else None))
+        if name != "triton":  # the Triton truncate/sgd rows are above
+            add("truncate", f"{name} backend", lambda be=be: be.truncate_(grads, bits, 3e-3),
+                n * 8 + n // 8, why)
+            add("trunc+sgd", f"{name} backend",
+                lambda be=be: be.sgd_step_(ts, grads, bufs, bits, **kw), n * 4 * 5 + n // 8, why)
+    add("read scores", "foreach L1 norm", lambda: torch._foreach_norm(ts, 1), n * 4)
 
 
 def main(argv=None):

@@ -135,4 +135,8 @@ inline void check_sgd_lists(const std::vector<at::Tensor>& params,
   }
 }
 
+// Below this many entries a call runs on the calling thread: waking the thread pool
+// costs more than the work (and far more when the machine is busy).
+constexpr int64_t kMinParallelEntries = int64_t(1) << 18;
+
 }  // namespace worm

@@ -169,7 +169,10 @@ void for_units(const std::vector<Job>& jobs, const std::vector<int64_t>& sizes, 
   for (size_t j = 0; j < jobs.size(); ++j)
     for (int64_t b = 0; b < sizes[j]; b += kUnit)
       units.push_back({int32_t(j), b, std::min(sizes[j], b + kUnit)});
-  at::parallel_for(0, units.size(), 1, [&](int64_t ub, int64_t ue) {
+  int64_t total = 0;
+  for (int64_t n : sizes) total += n;
+  const int64_t grain = total >= kMinParallelEntries ? 1 : int64_t(units.size()) + 1;
+  at::parallel_for(0, units.size(), grain, [&](int64_t ub, int64_t ue) {
     for (int64_t u = ub; u < ue; ++u) fn(jobs[units[u].j], units[u].b, units[u].e);
   });
 }

@@ -104,6 +104,7 @@ uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel,
   const int64_t chunk = 1 << 16;
   auto chunks = make_chunks(srcs, chunk);
   const int64_t nchunks = chunks.size();
+  parallel = parallel && total >= kMinParallelEntries;
   const int64_t tasks = parallel ? std::min<int64_t>(at::get_num_threads(), nchunks) : 1;
 
   uint32_t prefix = 0;  // the digits chosen so far
@@ -197,7 +198,10 @@ std::tuple<at::Tensor, at::Tensor> select_thresholds_cpu(at::TensorList tensors_
       thr_p[i] = ks[i] > 0 ? bits_f32(radix_select(one, ks[i], true, nf_p + i)) : ninf;
       if (ks[i] == 0) count_nonfinite(i);
     }
-    at::parallel_for(0, small.size(), 4, [&](int64_t b, int64_t e) {
+    int64_t small_total = 0;
+    for (int64_t i : small) small_total += srcs[i].n;
+    const int64_t grain = small_total >= kMinParallelEntries ? 4 : int64_t(small.size()) + 1;
+    at::parallel_for(0, small.size(), grain, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) {
         int64_t i = small[j];
         std::vector<Src> one{srcs[i]};
@@ -322,7 +326,10 @@ at::Tensor mask_update_cpu(at::TensorList tensors_, const at::Tensor& thr_, cons
       units.push_back({int32_t(i), b, std::min<int64_t>(tensors[i].numel(), b + (1 << 16))});
   }
   const int64_t nunits = units.size();
-  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), nunits);
+  int64_t total = 0;
+  for (int64_t i = 0; i < T; ++i) total += tensors[i].numel();
+  const int64_t tasks =
+      total >= kMinParallelEntries ? std::min<int64_t>(at::get_num_threads(), nunits) : 1;
   std::vector<int64_t> part(tasks * L, 0);
   run_tasks(nunits, tasks, true, [&](int64_t task, int64_t ub, int64_t ue) {
     int64_t* cnt = part.data() + task * L;
