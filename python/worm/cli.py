@@ -25,7 +25,8 @@ def _add_common(p: argparse.ArgumentParser, text: bool) -> None:
     g.add_argument("--dataset", default="digits", help="digits | fashion-mnist | cifar10 (default: digits)")
     g.add_argument("--data-root", default=None, help="folder of the dataset (cifar10: torchvision layout)")
     g.add_argument("--model", default="cnn", help="cnn | resnet18 | vgg11_bn (default: cnn)")
-    g.add_argument("--width", type=float, default=1.0, help="channel width multiplier (default 1.0)")
+    g.add_argument("--width", type=float, default=None,
+                   help="channel width multiplier (default 2.0 for cnn, 1.0 otherwise)")
     g.add_argument("--train-subset", type=int, default=None, help="use N training images (seeded, stratified)")
     g.add_argument("--test-subset", type=int, default=None, help="use N test images")
     g = p.add_argument_group("training")
@@ -68,10 +69,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cnn_config(a):
-    from .experiments import CNNConfig
+    from .experiments import CNNConfig, default_width
     d = CNNConfig()
     return CNNConfig(
-        dataset=a.dataset, model=a.model, width=a.width, train_subset=a.train_subset,
+        dataset=a.dataset, model=a.model,
+        width=a.width if a.width is not None else default_width(a.model), train_subset=a.train_subset,
         test_subset=a.test_subset, data_root=a.data_root, seeds=tuple(a.seeds),
         max_epochs=a.max_epochs or d.max_epochs, retrain_epochs=a.retrain_epochs or d.retrain_epochs,
         batch_size=a.batch_size or d.batch_size, lr=a.lr or d.lr, momentum=a.momentum,
@@ -111,6 +113,8 @@ def _write(result: dict, out: Path, plots) -> None:
 def _compare(a) -> int:
     from .experiments import compare, plot_distances
     if a.task:
+        if a.task == "csv" and not a.csv:  # before any slow import or training
+            raise SystemExit("worm compare --task csv needs --csv PATH (columns text,label)")
         from .experiments_text import plot_losses, run_text_compare
         kw = dict(task=a.task, seeds=tuple(a.seeds), progress=not a.quiet,
                   window=a.window or TEXT_DEFAULTS["window"],
@@ -122,8 +126,6 @@ def _compare(a) -> int:
                          ("retrain_epochs", a.retrain_epochs), ("csv", a.csv)):
             if val is not None:
                 kw[key] = val
-        if a.task == "csv" and not a.csv:
-            raise SystemExit("worm compare --task csv needs --csv PATH (columns text,label)")
         if a.threads:
             import torch
             torch.set_num_threads(a.threads)

@@ -57,7 +57,6 @@ def apply_masks(model: nn.Module, ticket: Dict[torch.Tensor, torch.Tensor],
     """Zero the pruned entries of ``ticket`` (``{param: bool keep}``) and keep them zero."""
     if not ticket:
         raise ValueError("apply_masks: the ticket is empty")
-    remove_masks(model)
     owners = _owners(model)
     masks = {}
     for p, keep in ticket.items():
@@ -69,6 +68,8 @@ def apply_masks(model: nn.Module, ticket: Dict[torch.Tensor, torch.Tensor],
         if keep.shape != p.shape:
             raise ValueError(f"apply_masks: mask shape {tuple(keep.shape)} != parameter shape {tuple(p.shape)}")
         masks[p] = keep.to(p.device)
+    # only once the new ticket is known good: a rejected one must not drop the old
+    remove_masks(model)
     handle = MaskHandle(masks)
     handle.reapply()
     by_module: dict = {}

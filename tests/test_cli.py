@@ -1,0 +1,128 @@
+"""The command line end to end on a tiny configuration (sklearn digits, a narrow CNN).
+
+Settings are chosen so that each run takes a few seconds on a 2-core CPU: 200
+training images, a window of 2, at most 3 search epochs and 1 retraining epoch.
+"""
+import csv
+import json
+import time
+
+import pytest
+import torch
+
+import worm
+from worm import cli
+from worm.experiments import COLUMNS
+
+TINY = ["--dataset", "digits", "--model", "cnn", "--width", "0.5", "--seeds", "0",
+        "--max-epochs", "3", "--retrain-epochs", "1", "--window", "2",
+        "--train-subset", "200", "--test-subset", "100", "--batch-size", "50",
+        "--threads", "1", "--quiet"]
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# every raw value a table column is computed from must be in the record
+RAW_KEYS = {"search_epochs", "pre_prune_acc", "pruned_acc", "retrain1_acc", "restore_epochs",
+            "found", "params_before", "params_after", "time_s", "d_max", "d_avg", "seed", "method"}
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()   # --threads 1 sets it process-wide
+    yield
+    torch.set_num_threads(n)
+
+
+def _table_lines(text):
+    return [ln for ln in text.splitlines() if ln.startswith("|")]
+
+
+def _check_outputs(out, methods, n_runs):
+    rec = json.loads((out / "record.json").read_text())
+    assert len(rec["runs"]) == n_runs
+    assert {r["method"] for r in rec["runs"]} == set(methods)
+    for r in rec["runs"]:
+        assert RAW_KEYS <= set(r), RAW_KEYS - set(r)
+        assert 1 <= r["search_epochs"] <= 3
+        assert len(r["d_max"]) == r["search_epochs"]
+        for k in ("pre_prune_acc", "pruned_acc", "retrain1_acc"):
+            assert 0.0 <= r[k] <= 1.0
+        assert 0 < r["params_after"] < r["params_before"]
+        assert r["time_s"] > 0
+    assert rec["config"]["window"] == 2 and rec["config"]["max_epochs"] == 3
+
+    with open(out / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == n_runs
+    assert [r["method"] for r in rows] == [r["method"] for r in rec["runs"]]
+    assert {"seed", "pre_prune_acc", "pruned_acc", "gain", "search_epochs"} <= set(rows[0])
+    for row, run in zip(rows, rec["runs"]):
+        assert float(row["pre_prune_acc"]) == pytest.approx(run["pre_prune_acc"])
+
+    png = (out / "distances.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 1000
+
+    table = (out / "table.md").read_text()
+    lines = _table_lines(table)
+    assert len(lines) == 2 + len(methods)
+    assert all(ln.count("|") == lines[0].count("|") for ln in lines)  # rows line up
+    for _, header, _ in COLUMNS:
+        assert header in lines[0], header
+    return rec, table
+
+
+def test_compare_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    t0 = time.perf_counter()
+    assert cli.main(["compare", *TINY, "--out", str(out)]) == 0
+    elapsed = time.perf_counter() - t0
+    printed = capsys.readouterr().out
+    rec, table = _check_outputs(out, ["EB Train", "WORM"], 2)
+    assert table.strip() in printed
+    assert "| EB Train |" in printed and "| WORM |" in printed
+    assert [r["mode"] for r in rec["runs"]] == ["eb", "worm"]
+    assert elapsed < 60, f"the tiny compare took {elapsed:.1f}s"
+
+
+def test_sweep_r_end_to_end(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep-r", *TINY, "--rs", "1", "0.01", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rec, _ = _check_outputs(out, ["r = 1", "r = 0.01"], 2)
+    assert "| r = 1 |" in printed and "| r = 0.01 |" in printed
+    assert [r["r"] for r in rec["runs"]] == [1.0, 0.01]
+    assert all(r["mode"] == "truncate" for r in rec["runs"])
+    assert rec["kind"] == "sweep-r"
+
+
+def test_backend_prints_a_backend(capsys):
+    assert cli.main(["backend"]) == 0
+    printed = capsys.readouterr().out
+    assert f"cpu: {worm.backend('cpu')}" in printed
+    assert worm.backend("cpu") in ("triton", "cpp", "cuda", "reference")
+
+
+def test_text_csv_task_without_csv_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--csv"):
+        cli.main(["compare", "--task", "csv", "--quiet", "--out", str(tmp_path / "x")])
+
+
+def test_unknown_subcommand_and_dataset_are_rejected(tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["no-such-command"])
+    with pytest.raises(ValueError, match="unknown dataset"):
+        cli.main(["compare", "--dataset", "no-such-data", "--quiet", "--out", str(tmp_path / "y")])
+
+
+def test_defaults_match_the_paper():
+    """The CLI's search defaults are the paper's CNN settings."""
+    a = cli._parser().parse_args(["compare"])
+    cfg = cli._cnn_config(a)
+    assert (cfg.stop, cfg.delta, cfg.window, cfg.prune_ratio, cfg.r) == (0.1, 0.05, 5, 0.5, 3e-3)
+    assert (cfg.lr, cfg.momentum) == (0.01, 0.9)
+    # the demo defaults: digits, the tiny CNN at width 2, batch 32
+    assert (cfg.dataset, cfg.model, cfg.width, cfg.batch_size) == ("digits", "cnn", 2.0, 32)
+    assert (cfg.max_epochs, cfg.retrain_epochs, cfg.seeds) == (30, 3, (0, 1, 2))
+    # the width default is the tiny CNN's only: ResNet-18 stays at full width
+    assert cli._cnn_config(cli._parser().parse_args(["compare", "--model", "resnet18"])).width == 1.0
+    assert cli._cnn_config(cli._parser().parse_args(["compare", "--width", "0.5"])).width == 0.5

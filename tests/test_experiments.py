@@ -1,0 +1,173 @@
+"""worm.experiments: the metrics, the table, and the fairness of the comparison
+(same initial weights and data order for both methods, accuracy on the test split)."""
+import copy
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from worm import data as wdata
+from worm import experiments as ex
+
+
+def _tiny(**kw):
+    base = dict(dataset="digits", model="cnn", width=0.5, train_subset=200, test_subset=100,
+                seeds=(0,), max_epochs=2, retrain_epochs=1, window=2, batch_size=50,
+                progress=False, threads=1)   # one thread: far faster on a busy 2-core machine
+    base.update(kw)
+    return ex.CNNConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------ _restore_epochs
+@pytest.mark.parametrize("pre, pruned, accs, frac, want", [
+    (0.8, 0.75, [0.1, 0.2], 0.9, 0),        # already >= 90% right after pruning
+    (0.5, 0.5, [], 1.0, 0),                 # exactly at the goal counts as restored
+    (0.8, 0.10, [0.50, 0.73, 0.80], 0.9, 2),
+    (0.8, 0.10, [0.73], 0.9, 1),
+    (0.5, 0.10, [0.45, 0.46], 0.9, 1),      # 0.45 == 0.9 * 0.5 in floats
+    (0.8, 0.10, [0.50, 0.60], 0.9, None),   # not within the run
+    (0.8, 0.10, [], 0.9, None),
+    (0.8, 0.10, [0.75, 0.60], 0.9, 1),      # the first epoch that reaches it
+    (0.5, 0.10, [0.3, 0.5], 1.0, 2),
+])
+def test_restore_epochs(pre, pruned, accs, frac, want):
+    assert ex._restore_epochs(pre, pruned, accs, frac) == want
+
+
+# ------------------------------------------------------------------ the table
+def _run(method, seed, **kw):
+    r = {"seed": seed, "method": method, "search_epochs": 10, "pre_prune_acc": 0.8,
+         "pruned_acc": 0.1, "retrain1_acc": 0.7, "restore_epochs": 2, "found": True,
+         "params_before": 100, "params_after": 40, "time_s": 5.0, "d_max": [], "d_avg": []}
+    r.update(kw)
+    return r
+
+
+def _cells(table):
+    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    header, body = rows[0], rows[2:]
+    assert all(len(r) == len(header) for r in rows), "rows must line up with the header"
+    return [dict(zip(header, r)) for r in body]
+
+
+def test_format_table_values_and_not_reached():
+    result = {"runs": [
+        _run("EB Train", 0, restore_epochs=None, found=False),
+        _run("EB Train", 1, restore_epochs=None, search_epochs=12, pre_prune_acc=0.9),
+        _run("WORM", 0, restore_epochs=1),
+        _run("WORM", 1, restore_epochs=None),
+    ]}
+    eb, wo = _cells(ex.format_table(result))
+    assert eb["method"] == "EB Train" and eb["seeds"] == "2"
+    assert eb["epochs to 90% restore"] == "not reached"
+    assert wo["epochs to 90% restore"] == "1.00 ± 0.00 (1 not reached)"
+    assert eb["search epochs"] == "11.00 ± 1.41"
+    assert eb["pre-prune acc"] == "85.00% ± 7.07"
+    assert eb["ticket found"] == "1/2" and wo["ticket found"] == "2/2"
+    assert wo["gain after 1 epoch"] == "-10.00% ± 0.00"
+    assert wo["params kept"] == "40.00% ± 0.00"
+
+
+def test_format_table_none_accuracies_and_missing_columns():
+    result = {"runs": [_run("A", 0, retrain1_acc=None, params_before=None),
+                       _run("B", 0, retrain1_acc=0.5, params_before=None)]}
+    a, b = _cells(ex.format_table(result))
+    assert a["acc after 1 retrain epoch"] == "n/a" and a["gain after 1 epoch"] == "n/a"
+    assert b["acc after 1 retrain epoch"] == "50.00% ± 0.00"
+    assert "params kept" not in a       # no run has it: the column is left out
+    # NaN from a run survives the JSON round trip as None
+    clean = ex.nan_to_none({"runs": [_run("A", 0, pruned_acc=float("nan")), _run("B", 0)]})
+    assert clean["runs"][0]["pruned_acc"] is None
+    a, b = _cells(ex.format_table(clean))
+    assert a["acc after pruning"] == "n/a" and b["acc after pruning"] == "10.00% ± 0.00"
+
+
+def test_write_csv(tmp_path):
+    import csv
+    result = {"runs": [_run("EB Train", 0), _run("WORM", 0, retrain1_acc=None)]}
+    ex.write_csv(result, tmp_path / "runs.csv")
+    with open(tmp_path / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["EB Train", "WORM"]
+    assert float(rows[0]["gain"]) == pytest.approx(-0.1) and rows[1]["gain"] == ""
+    assert "d_max" not in rows[0]          # lists stay in record.json
+
+
+# ------------------------------------------------------------------ fairness
+def test_init_state_is_a_function_of_the_seed():
+    info = {"in_channels": 1, "num_classes": 10}
+    cfg = _tiny()
+    a, b, c = ex._init_state(cfg, 0, info), ex._init_state(cfg, 0, info), ex._init_state(cfg, 1, info)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_both_methods_start_from_the_same_weights_and_data(monkeypatch):
+    seen = []
+    real = ex.run_one
+
+    def spy(cfg, seed, mode, init_state, *args, **kw):
+        seen.append((seed, mode, copy.deepcopy(init_state)))
+        return real(cfg, seed, mode, init_state, *args, **kw)
+
+    monkeypatch.setattr(ex, "run_one", spy)
+    result = ex.compare(_tiny(seeds=(0, 1), max_epochs=2))
+    assert [(s, m) for s, m, _ in seen] == [(0, "eb"), (0, "worm"), (1, "eb"), (1, "worm")]
+    for i in (0, 2):
+        eb, wo = seen[i][2], seen[i + 1][2]
+        assert eb.keys() == wo.keys() and all(torch.equal(eb[k], wo[k]) for k in eb)
+    assert not all(torch.equal(seen[0][2][k], seen[2][2][k]) for k in seen[0][2])
+    # Truncation cannot start before the window (2) is full and decided, so both
+    # methods' first two epochs are the same computation: same weights, same batches.
+    runs = result["runs"]
+    for eb, wo in ((runs[0], runs[1]), (runs[2], runs[3])):
+        assert (eb["method"], wo["method"]) == ("EB Train", "WORM")
+        assert eb["train_loss"][:2] == wo["train_loss"][:2]
+        assert eb["d_max"][1] == wo["d_max"][1]
+    assert runs[0]["train_loss"][0] != runs[2]["train_loss"][0]
+
+
+def test_accuracy_is_measured_on_the_test_split(monkeypatch):
+    real_load = wdata.load
+
+    def load_with_test_labels(label_fn):
+        def load(name, **kw):
+            train, test, info = real_load(name, **kw)
+            x, y = test.tensors
+            return train, TensorDataset(x, label_fn(y)), info
+        return load
+
+    cfg = _tiny(max_epochs=2, retrain_epochs=2)
+    # Labels the network can never predict: accuracy on the test split is exactly 0,
+    # on anything else (e.g. the training split) it would not be.
+    monkeypatch.setattr(wdata, "load", load_with_test_labels(lambda y: torch.full_like(y, 10)))
+    never = ex.compare(cfg)["runs"]
+    for r in never:
+        assert r["pre_prune_acc"] == 0.0 and r["pruned_acc"] == 0.0
+        assert r["retrain_accs"] == [0.0, 0.0]
+    # Control: with the real test labels the same runs score above zero.
+    monkeypatch.setattr(wdata, "load", load_with_test_labels(lambda y: y))
+    real = ex.compare(cfg)["runs"]
+    assert all(r["pre_prune_acc"] > 0.0 for r in real)
+    assert [r["train_loss"] for r in real] == [r["train_loss"] for r in never]
+
+
+def test_evaluate_counts_correct_predictions():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x = torch.randn(37, 4)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    y = pred.clone()
+    y[:10] = (y[:10] + 1) % 3
+    loader = ex._loader(TensorDataset(x, y), 8)
+    assert ex.evaluate(model, loader) == pytest.approx(27 / 37)
