@@ -50,7 +50,8 @@ def _add_common(p: argparse.ArgumentParser, text: bool) -> None:
         g.add_argument("--csv", default=None, help="CSV with text,label columns (with --task csv)")
         g.add_argument("--n-train", type=int, default=None)
         g.add_argument("--n-test", type=int, default=None)
-        g.add_argument("--every", type=int, default=None, help="sample every N optimizer steps (text)")
+        g.add_argument("--every", type=int, default=None,
+                       help="text: sample every N optimizer steps; 0 = at each epoch end (the paper)")
     p.add_argument("--out", default=None, help="output folder (default worm-runs/<kind>-<data>-<time>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -122,10 +123,12 @@ def _compare(a) -> int:
                   delta=a.delta if a.delta is not None else TEXT_DEFAULTS["delta"],
                   r=a.r, prune_ratio=a.prune_ratio)
         for key, val in (("n_train", a.n_train), ("n_test", a.n_test), ("max_epochs", a.max_epochs),
-                         ("batch_size", a.batch_size), ("lr", a.lr), ("every", a.every),
+                         ("batch_size", a.batch_size), ("lr", a.lr),
                          ("retrain_epochs", a.retrain_epochs), ("csv", a.csv)):
             if val is not None:
                 kw[key] = val
+        if a.every is not None:
+            kw["every"] = a.every or None  # 0: per epoch
         if a.threads:
             import torch
             torch.set_num_threads(a.threads)
