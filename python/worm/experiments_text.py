@@ -138,7 +138,8 @@ def _run_method(method: str, seed: int, init_state: dict, model, train: _Encoded
     remove_masks(model)
     torch.manual_seed(seed)  # dropout draws: identical for both methods
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    search = EarlyBird(model, opt, mode=method, every=cfg["every"], **PAPER_BERT)
+    search = EarlyBird(model, opt, mode=method, every=cfg["every"],
+                       **{k: cfg[k] for k in ("layers", "prune_ratio", "window", "stop", "delta", "r")})
     loop = _Loop(model, opt, train, cfg["batch_size"], seed)
 
     t0 = time.perf_counter()
@@ -214,7 +215,10 @@ def run_text_compare(task: str = "minilm-rt", seeds: Sequence[int] = (0, 1, 2),
                      every: Optional[int] = 4, retrain_epochs: int = 1, csv: Optional[str] = None,
                      text_col: str = "text", label_col: str = "label", max_len: int = 48,
                      split_seed: int = 0, methods: Sequence[str] = METHODS,
-                     progress: bool = True, threads: Optional[int] = None) -> dict:
+                     progress: bool = True, threads: Optional[int] = None,
+                     prune_ratio: float = PAPER_BERT["prune_ratio"], window: int = PAPER_BERT["window"],
+                     stop: float = PAPER_BERT["stop"], delta: float = PAPER_BERT["delta"],
+                     r: float = PAPER_BERT["r"]) -> dict:
     """EB Train vs WORM on MiniLM, same initialisation per seed; see the module docstring.
 
     Returns ``{"task", "config", "runs": [{"seed", "method", ...metrics...}]}``.
@@ -246,7 +250,7 @@ def run_text_compare(task: str = "minilm-rt", seeds: Sequence[int] = (0, 1, 2),
                seeds=list(seeds), methods=list(methods), num_labels=num_labels,
                majority_acc=max(test_set.labels.count(c) for c in set(test_set.labels)) / len(test_set),
                sampling="per epoch" if every is None else f"every {every} optimizer steps",
-               **PAPER_BERT)
+               layers="qk", prune_ratio=prune_ratio, window=window, stop=stop, delta=delta, r=r)
     runs = []
     for seed in _progress(list(seeds), progress, desc="seeds"):
         torch.manual_seed(seed)
