@@ -171,3 +171,13 @@ def test_evaluate_counts_correct_predictions():
     y[:10] = (y[:10] + 1) % 3
     loader = ex._loader(TensorDataset(x, y), 8)
     assert ex.evaluate(model, loader) == pytest.approx(27 / 37)
+
+
+def test_distance_plot_reads_text_records(tmp_path):
+    # text runs keep the search history rather than d_max/d_avg lists
+    hist = [{"index": i, "d_max": d, "d_avg": d and d / 2} for i, d in enumerate([None, None, 0.03, 0.008], 1)]
+    result = {"config": {"task": "minilm-rt", "window": 3, "stop": 0.01, "delta": 0.005},
+              "runs": [{"seed": 0, "method": m, "history": hist} for m in ("eb", "worm")]}
+    from worm.experiments import plot_distances
+    plot_distances(result, tmp_path / "d.png")
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -305,9 +305,12 @@ def plot_distances(result: dict, path) -> None:
     colors = {}
     for r in result["runs"]:
         c = colors.setdefault(r["method"], f"C{len(colors)}")
-        xs = [i + 1 for i, v in enumerate(r["d_max"]) if v is not None]
+        # CNN records keep d_max/d_avg lists; text records keep the search history
+        series = {k: r[k] if k in r else [h.get(k) for h in r.get("history", [])]
+                  for k in ("d_max", "d_avg")}
+        xs = [i + 1 for i, v in enumerate(series["d_max"]) if v is not None]
         for ax, key in zip(axes, ("d_max", "d_avg")):
-            ys = [v for v in r[key] if v is not None]
+            ys = [v for v in series[key] if v is not None]
             first = r["seed"] == result["runs"][0]["seed"]
             ax.plot(xs, ys, "-o", ms=3, color=c, alpha=0.75, label=r["method"] if first else None)
     stop, delta = cfg.get("stop"), cfg.get("delta")
@@ -316,7 +319,7 @@ def plot_distances(result: dict, path) -> None:
             ax.axhline(stop, color="k", ls="--", lw=1, label=f"stop s = {stop:g}")
         if key == "d_avg" and delta is not None:
             ax.axhline(stop + delta, color="gray", ls=":", lw=1, label=f"trigger s + δ = {stop + delta:g}")
-        ax.set_xlabel("epoch (sampling step)")
+        ax.set_xlabel("sampling step" if cfg.get("every") else "epoch (sampling step)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{key} over the window (one line per seed)")
         ax.grid(alpha=0.3)
