@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "common.h"
 
@@ -62,53 +63,95 @@ struct SgdArgs {
   bool has_wd, has_mom, nesterov, maximize;
 };
 
+// The per-entry math, with the hyper-parameter switches as template flags so the
+// loop over 8 entries (one mask byte) has no branches and vectorises. Truncation is a
+// multiply by 1 (exact) or r chosen by the bit: random masks would defeat a branch.
+// MOM: 0 no momentum, 1 first step (buffer = gradient), 2 running buffer.
+template <int DT, bool FMA, bool WD, int MOM, bool NEST, bool MAXI>
+inline __attribute__((always_inline)) void sgd_kernel(
+    typename Elem<DT>::T* __restrict p, const typename Elem<DT>::T* __restrict g,
+    typename Elem<DT>::T* __restrict buf, const uint8_t* bits, const SgdArgs& a, int64_t b,
+    int64_t e) {
+  using T = typename Elem<DT>::T;
+  // alphas exactly as ATen receives them (rounded to the dtype for bf16/fp16)
+  const float wd = alpha_of<DT>(a.wd), d1 = alpha_of<DT>(a.damp1);
+  const float ma = alpha_of<DT>(a.mom_a), nlr = alpha_of<DT>(-double(a.lr));
+  const float mom = a.mom;
+  const float scale[2] = {a.r, 1.0f};  // r stays fp32: one rounding of g * r
+  auto body = [&](int64_t i, uint32_t keep) __attribute__((always_inline)) {
+    float gi = ld<DT>(g, i);
+    if (bits) gi = rnd<DT>(gi * scale[keep]);
+    if constexpr (MAXI) gi = -gi;
+    const float pi = ld<DT>(p, i);
+    if constexpr (WD) gi = rnd<DT>(madd<FMA>(pi, wd, gi));
+    if constexpr (MOM != 0) {
+      float bi;
+      if constexpr (MOM == 1) {
+        bi = gi;
+      } else {
+        bi = rnd<DT>(ld<DT>(buf, i) * mom);
+        bi = rnd<DT>(madd<FMA>(gi, d1, bi));
+      }
+      buf[i] = T(bi);
+      if constexpr (NEST) gi = rnd<DT>(madd<FMA>(bi, ma, gi));
+      else gi = bi;
+    }
+    p[i] = T(madd<FMA>(gi, nlr, pi));
+  };
+  int64_t i0 = b;
+  for (; i0 + 8 <= e; i0 += 8) {
+    const uint32_t byte = bits ? bits[i0 >> 3] : 0xffu;
+    for (int j = 0; j < 8; ++j) body(i0 + j, (byte >> j) & 1u);
+  }
+  if (i0 < e) {
+    const uint32_t byte = bits ? bits[i0 >> 3] : 0xffu;
+    for (int64_t i = i0; i < e; ++i) body(i, (byte >> (i - i0)) & 1u);
+  }
+}
+
 // One range [b, e) of one parameter; b is a multiple of 8 (a mask byte).
 template <int DT, bool FMA>
 inline __attribute__((always_inline)) void sgd_range(
     typename Elem<DT>::T* p, const typename Elem<DT>::T* g, typename Elem<DT>::T* buf,
     const uint8_t* bits, bool fresh, const SgdArgs& a, int64_t b, int64_t e) {
-  using T = typename Elem<DT>::T;
-  // alphas exactly as ATen receives them (rounded to the dtype for bf16/fp16)
-  const float wd = alpha_of<DT>(a.wd), d1 = alpha_of<DT>(a.damp1);
-  const float ma = alpha_of<DT>(a.mom_a), nlr = alpha_of<DT>(-double(a.lr));
-  const float r = a.r, mom = a.mom;  // r stays fp32: one rounding of g * r
-  for (int64_t i0 = b; i0 < e; i0 += 8) {
-    const int64_t i1 = std::min(e, i0 + 8);
-    const uint32_t byte = bits ? bits[i0 >> 3] : 0xffu;
-    for (int64_t i = i0; i < i1; ++i) {
-      float gi = ld<DT>(g, i);
-      if (!((byte >> (i - i0)) & 1u)) gi = rnd<DT>(gi * r);
-      if (a.maximize) gi = -gi;
-      const float pi = ld<DT>(p, i);
-      if (a.has_wd) gi = rnd<DT>(madd<FMA>(pi, wd, gi));
-      if (a.has_mom) {
-        float bi;
-        if (fresh) {
-          bi = gi;
-        } else {
-          bi = rnd<DT>(ld<DT>(buf, i) * mom);
-          bi = rnd<DT>(madd<FMA>(gi, d1, bi));
-        }
-        buf[i] = T(bi);
-        gi = a.nesterov ? rnd<DT>(madd<FMA>(bi, ma, gi)) : bi;
-      }
-      p[i] = T(madd<FMA>(gi, nlr, pi));
-    }
-  }
+  const int mom = a.has_mom ? (fresh ? 1 : 2) : 0;
+  auto go = [&](auto wd, auto m, auto nest, auto maxi) {
+    sgd_kernel<DT, FMA, decltype(wd)::value, decltype(m)::value, decltype(nest)::value,
+               decltype(maxi)::value>(p, g, buf, bits, a, b, e);
+  };
+  using t_ = std::true_type;
+  using f_ = std::false_type;
+  auto with_maxi = [&](auto wd, auto m, auto nest) {
+    if (a.maximize) go(wd, m, nest, t_{}); else go(wd, m, nest, f_{});
+  };
+  auto with_nest = [&](auto wd, auto m) {
+    if (a.nesterov && decltype(m)::value != 0) with_maxi(wd, m, t_{}); else with_maxi(wd, m, f_{});
+  };
+  auto with_mom = [&](auto wd) {
+    if (mom == 0) with_nest(wd, std::integral_constant<int, 0>{});
+    else if (mom == 1) with_nest(wd, std::integral_constant<int, 1>{});
+    else with_nest(wd, std::integral_constant<int, 2>{});
+  };
+  if (a.has_wd) with_mom(t_{}); else with_mom(f_{});
 }
 
 template <int DT, bool FMA>
-inline __attribute__((always_inline)) void truncate_range(typename Elem<DT>::T* g,
+inline __attribute__((always_inline)) void truncate_range(typename Elem<DT>::T* __restrict g,
                                                           const uint8_t* bits, float r_in,
                                                           int64_t b, int64_t e) {
   using T = typename Elem<DT>::T;
-  const float r = r_in;  // fp32, the product rounded once to the dtype (the reference)
-  for (int64_t i0 = b; i0 < e; i0 += 8) {
+  // fp32 product rounded once to the dtype (the reference); kept entries are
+  // multiplied by 1, which is exact, so the byte loop needs no branch per entry.
+  const float scale[2] = {r_in, 1.0f};
+  int64_t i0 = b;
+  for (; i0 + 8 <= e; i0 += 8) {
     const uint32_t byte = bits[i0 >> 3];
     if (byte == 0xffu) continue;  // all kept: nothing to scale
-    const int64_t i1 = std::min(e, i0 + 8);
-    for (int64_t i = i0; i < i1; ++i)
-      if (!((byte >> (i - i0)) & 1u)) g[i] = T(float(g[i]) * r);
+    for (int j = 0; j < 8; ++j) g[i0 + j] = T(float(g[i0 + j]) * scale[(byte >> j) & 1u]);
+  }
+  if (i0 < e) {
+    const uint32_t byte = bits[i0 >> 3];
+    for (int64_t i = i0; i < e; ++i) g[i] = T(float(g[i]) * scale[(byte >> (i - i0)) & 1u]);
   }
 }
 
