@@ -135,6 +135,21 @@ inline void check_sgd_lists(const std::vector<at::Tensor>& params,
   }
 }
 
+// The sgd_step_ op's list arguments, copied out of the dispatcher's views and checked.
+struct SgdLists {
+  std::vector<at::Tensor> params, grads, bufs;
+  std::vector<std::optional<at::Tensor>> bits;
+};
+inline SgdLists sgd_lists(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                          at::IntArrayRef fresh,
+                          const c10::List<std::optional<at::Tensor>>& bits, double momentum) {
+  SgdLists l{{params.begin(), params.end()}, {grads.begin(), grads.end()},
+             {bufs.begin(), bufs.end()}, {}};
+  for (const auto& b : bits) l.bits.push_back(b);
+  check_sgd_lists(l.params, l.grads, l.bufs, fresh, l.bits, momentum);
+  return l;
+}
+
 // Below this many entries a call runs on the calling thread: waking the thread pool
 // costs more than the work (and far more when the machine is busy).
 constexpr int64_t kMinParallelEntries = int64_t(1) << 18;

@@ -303,11 +303,7 @@ void sgd_step_cuda(at::TensorList params_, at::TensorList grads_, at::TensorList
                    at::IntArrayRef fresh, const c10::List<std::optional<at::Tensor>>& bits_,
                    double r, double lr, double weight_decay, double momentum, double dampening,
                    bool nesterov, bool maximize) {
-  std::vector<at::Tensor> params(params_.begin(), params_.end()), grads(grads_.begin(), grads_.end()),
-      bufs(bufs_.begin(), bufs_.end());
-  std::vector<std::optional<at::Tensor>> bits;
-  for (const auto& b : bits_) bits.push_back(b);
-  check_sgd_lists(params, grads, bufs, fresh, bits, momentum);
+  auto [params, grads, bufs, bits] = sgd_lists(params_, grads_, bufs_, fresh, bits_, momentum);
   const auto dev = params[0].device();
   TORCH_CHECK(dev.is_cuda(), "worm: the CUDA sgd_step_ takes CUDA tensors");
   c10::cuda::CUDAGuard guard(dev);

@@ -247,11 +247,7 @@ void sgd_step_cpu(at::TensorList params_, at::TensorList grads_, at::TensorList 
                   at::IntArrayRef fresh, const c10::List<std::optional<at::Tensor>>& bits_,
                   double r, double lr, double weight_decay, double momentum, double dampening,
                   bool nesterov, bool maximize) {
-  std::vector<at::Tensor> params(params_.begin(), params_.end()), grads(grads_.begin(), grads_.end()),
-      bufs(bufs_.begin(), bufs_.end());
-  std::vector<std::optional<at::Tensor>> bits;
-  for (const auto& b : bits_) bits.push_back(b);
-  check_sgd_lists(params, grads, bufs, fresh, bits, momentum);
+  auto [params, grads, bufs, bits] = sgd_lists(params_, grads_, bufs_, fresh, bits_, momentum);
   TORCH_CHECK(params[0].is_cpu(), "worm: the C++ sgd_step_ takes CPU tensors");
   SgdArgs a{float(r), float(lr), float(weight_decay), float(momentum), float(1.0 - dampening),
             float(momentum), weight_decay != 0.0, momentum != 0.0, nesterov, maximize};
