@@ -97,7 +97,8 @@ uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel,
   }
   // bf16 and fp16 keys have zero low bits: fewer digits to resolve.
   const int low = all_bf16 ? 16 : (all_f16 ? 13 : 0);
-  const int max_digit = total < 4096 ? 8 : 11;  // small sets: small histograms
+  // small sets: small histograms; large ones: two passes (the first with 64 Ki bins)
+  const int max_digit = total < 4096 ? 8 : (total >= (int64_t(1) << 22) ? 16 : 11);
   const int nbits = 31 - low;
   const int npass = (nbits + max_digit - 1) / max_digit;
 

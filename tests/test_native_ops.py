@@ -80,6 +80,21 @@ def test_select_thresholds_exact(kind, dtype, scope, device):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_select_thresholds_two_pass_plan(dtype):
+    # sets of >= 2**22 entries take the two-pass plan (64 Ki-bin first digit)
+    g = torch.Generator().manual_seed(7)
+    big = torch.randn(4_194_311, generator=g).to(dtype)
+    big[:1000] = 0.5  # ties at a value near the middle
+    ts = [big, torch.randn(333, generator=g).to(dtype)]
+    for scope in ("global", "layer"):
+        for p in (0.5, 0.9, 1 / sum(t.numel() for t in ts)):
+            thr, _ = _BE.select_thresholds(ts, _ks(ts, p, scope), scope)
+            want = R.thresholds(ts, p, scope)
+            assert torch.equal(thr, want), (dtype, scope, p, thr, want)
+
+
+@needs_native
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scope", ["global", "layer"])
 @pytest.mark.parametrize("dtype", C.DTYPES, ids=str)
