@@ -81,6 +81,20 @@ def program_map(numels, chunk):
     return tens, starts
 
 
+def add_dtype_groups(pk, dtypes, sizes, chunk):
+    """One launch per dtype: adds each group's program map (``pt_<dtype>``: tensor
+    index, ``ps_<dtype>``: start, ``chunk`` units of ``sizes`` each) to the table and
+    returns ``[(dtype, number of programs)]``."""
+    groups = []
+    for dt in sorted(set(dtypes), key=str):
+        idx = [i for i, d in enumerate(dtypes) if d == dt]
+        pt, ps = program_map([sizes[i] for i in idx], chunk)
+        pk.add(f"pt_{dt}", [idx[j] for j in pt])
+        pk.add(f"ps_{dt}", ps)
+        groups.append((dt, len(pt)))
+    return groups
+
+
 def block_for(device, block):
     """Elements per block: the GPU size, or a big one in the interpreter, where each
     program costs Python overhead and numpy does the per-element work in bulk."""

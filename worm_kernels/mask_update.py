@@ -89,17 +89,11 @@ def _tables(tensors, device):
         acc += b
     nbyt = C.block_for(device, BYTES * 8) // 8
     iters = C.pick_iters(sum(numels), nbyt * 8)
-    groups = []
     pk = C.Packer()
     pk.add("ptr", [t.data_ptr() for t in tensors])
     pk.add("n", numels)
     pk.add("boff", boffs)
-    for dt in sorted({t.dtype for t in tensors}, key=str):
-        idx = [i for i, t in enumerate(tensors) if t.dtype == dt]
-        pt, ps = C.program_map([nbytes[i] for i in idx], nbyt * iters)
-        pk.add(f"pt_{dt}", [idx[j] for j in pt])
-        pk.add(f"ps_{dt}", ps)
-        groups.append((dt, len(pt)))
+    groups = C.add_dtype_groups(pk, [t.dtype for t in tensors], nbytes, nbyt * iters)
     return {"tab": pk.build(device), "iters": iters, "groups": groups, "nbyt": nbyt}
 
 

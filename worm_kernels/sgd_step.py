@@ -117,13 +117,7 @@ def _tables(params, grads, bufs, bits, flags, device):
     pk.add("f", flags)
     blk = C.block_for(device, BLOCK)
     iters = C.pick_iters(sum(numels), blk)
-    groups = []
-    for dt in sorted({p.dtype for p in params}, key=str):
-        idx = [i for i, p in enumerate(params) if p.dtype == dt]
-        pt, ps = C.program_map([numels[i] for i in idx], blk * iters)
-        pk.add(f"pt_{dt}", [idx[j] for j in pt])
-        pk.add(f"ps_{dt}", ps)
-        groups.append((dt, len(pt)))
+    groups = C.add_dtype_groups(pk, [p.dtype for p in params], numels, blk * iters)
     return {"tab": pk.build(device), "iters": iters, "groups": groups, "blk": blk}
 
 

@@ -206,14 +206,7 @@ def _tables(tensors, ks, scope, device):
         blk = C.block_for(device, BLOCK)
         iters = C.pick_iters(sum(numels), blk)
         plan["iters"], plan["blk"] = iters, blk
-        groups = []
-        for dt in sorted(dtypes, key=str):
-            idx = [i for i, t in enumerate(tensors) if t.dtype == dt]
-            pt, ps = C.program_map([numels[i] for i in idx], blk * iters)
-            pk.add(f"pt_{dt}", [idx[j] for j in pt])
-            pk.add(f"ps_{dt}", ps)
-            groups.append((dt, len(pt)))
-        plan["groups"] = groups
+        plan["groups"] = C.add_dtype_groups(pk, [t.dtype for t in tensors], numels, blk * iters)
     plan["tab"] = pk.build(device)
     return plan
 

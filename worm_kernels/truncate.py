@@ -42,13 +42,7 @@ def _tables(grads, bits, device):
     pk.add("n", numels)
     blk = C.block_for(device, BLOCK)
     iters = C.pick_iters(sum(numels), blk)
-    groups = []
-    for dt in sorted({g.dtype for g in grads}, key=str):
-        idx = [i for i, g in enumerate(grads) if g.dtype == dt]
-        pt, ps = C.program_map([numels[i] for i in idx], blk * iters)
-        pk.add(f"pt_{dt}", [idx[j] for j in pt])
-        pk.add(f"ps_{dt}", ps)
-        groups.append((dt, len(pt)))
+    groups = C.add_dtype_groups(pk, [g.dtype for g in grads], numels, blk * iters)
     return {"tab": pk.build(device), "iters": iters, "groups": groups, "blk": blk}
 
 
