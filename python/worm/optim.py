@@ -10,6 +10,13 @@ act as usual. It behaves exactly like a gradient hook.
 * :class:`GradTruncation` (from :func:`truncation_pre_hook`) gives any other
   optimizer (AdamW, ...) the same truncation through a step pre-hook, one multi-tensor
   pass over the masked gradients.
+
+Network slimming (METHOD.md): ``set_l1`` adds ``l1 * sign(w)`` to the gradients of the
+representative weights after truncation and before weight decay and momentum. In
+WormSGD's fused path the penalised tensors (BN gammas: a few KB) are truncated and
+penalised by one small multi-tensor pass just before the fused op, which then steps
+them with no truncation of its own (so the penalty is never truncated); every other
+tensor is truncated inside the fused op as before. The kernels take no l1 argument.
 """
 from __future__ import annotations
 
@@ -60,6 +67,51 @@ def _check_bits(bits: dict, owner: str) -> dict:
         if b.device != p.device:
             raise ValueError(f"{owner}: packed keep bits on {b.device} but parameter on {p.device}")
     return bits
+
+
+class _Penalty:
+    """The slimming penalty: ``l1`` and ``{param: None (all entries) or bool mask}``."""
+
+    def __init__(self):
+        self.l1 = 0.0
+        self.where: dict = {}
+
+    @property
+    def active(self) -> bool:
+        return self.l1 != 0.0 and bool(self.where)
+
+    def set(self, where: Optional[dict], l1: float, known: set, owner: str) -> None:
+        l1 = float(l1)
+        if not math.isfinite(l1) or l1 < 0:
+            raise ValueError(f"{owner}: l1 must be finite and >= 0, got {l1!r}")
+        where = dict(where or {})
+        for p, m in where.items():
+            if id(p) not in known:
+                raise ValueError(f"{owner}: an l1-penalised tensor (shape {tuple(p.shape)}) is not "
+                                 "held by the optimizer")
+            if m is not None and (m.dtype != torch.bool or m.shape != p.shape):
+                raise ValueError(f"{owner}: l1 entry masks are bool tensors of the parameter's shape")
+        self.where, self.l1 = where, l1
+
+    def apply_(self, trunc: "_TruncationState", owner: str) -> None:
+        """Truncate (when on) then penalise the penalised params' grads, in place."""
+        by_dev: dict = {}
+        for p, m in self.where.items():
+            if p.grad is None:
+                continue
+            _no_sparse(p, owner)
+            by_dev.setdefault(p.grad.device, []).append((p, m))
+        for dev, items in by_dev.items():
+            if trunc.active:
+                cut = [(p.grad, trunc.bits[p]) for p, _ in items if p in trunc.bits]
+                if cut:
+                    _ops.resolve(dev).truncate_([g for g, _ in cut], [b for _, b in cut], trunc.r)
+            whole = [p for p, m in items if m is None]
+            if whole:
+                torch._foreach_add_([p.grad for p in whole], torch._foreach_sign(whole), alpha=self.l1)
+            for p, m in items:
+                if m is not None:
+                    p.grad.add_(p.detach().sign() * m, alpha=self.l1)
 
 
 class _TruncationState:
@@ -113,6 +165,7 @@ class WormSGD(torch.optim.SGD):
                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
         self._trunc = _TruncationState()
+        self._penalty = _Penalty()
 
     # -------------------------------------------------------------- truncation
     def set_truncation(self, masks: Optional[Dict[torch.Tensor, torch.Tensor]], r: float = 3e-3) -> None:
@@ -139,6 +192,14 @@ class WormSGD(torch.optim.SGD):
                 raise ValueError("WormSGD.set_truncation_bits: a key is not a parameter of this optimizer")
         self._trunc.bits, self._trunc.r = _check_bits(dict(bits), "WormSGD"), _check_r(r)
 
+    def set_l1(self, where: Optional[dict], l1: float) -> None:
+        """Network slimming: ``g += l1 * sign(w)`` on these params after truncation.
+
+        ``where``: ``{param: None (every entry) or bool mask of the entries}``; None or
+        ``l1 == 0`` turns it off (then the step is exactly the one without it).
+        """
+        self._penalty.set(where, l1, {id(p) for p in _all_params(self)}, "WormSGD.set_l1")
+
     @property
     def truncation(self) -> Optional[dict]:
         """``{"r": r, "params": n}`` while truncation is on, else None."""
@@ -149,7 +210,7 @@ class WormSGD(torch.optim.SGD):
     # -------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure=None):
-        if not self._trunc.active:
+        if not self._trunc.active and not self._penalty.active:
             return super().step(closure)
         loss = None
         if closure is not None:
@@ -158,11 +219,18 @@ class WormSGD(torch.optim.SGD):
         for group in self.param_groups:
             for p in group["params"]:
                 _no_sparse(p, "WormSGD")
-        if not self._fused_step():
-            # The reference path: truncation is a gradient hook, then SGD's own step.
-            for p, bits in self._trunc.bits.items():
-                if p.grad is not None:
-                    _ref.truncate_([p.grad], [bits], self._trunc.r)
+        if not self._trunc.active or not self._fused_step():
+            # The reference path: truncation is a gradient hook, then the slimming
+            # penalty, then SGD's own step.
+            if self._trunc.active:
+                for p, bits in self._trunc.bits.items():
+                    if p.grad is not None:
+                        _ref.truncate_([p.grad], [bits], self._trunc.r)
+            if self._penalty.active:
+                for p, m in self._penalty.where.items():
+                    if p.grad is not None:
+                        p.grad.add_(p.detach().sign() if m is None else p.detach().sign() * m,
+                                    alpha=self._penalty.l1)
             super().step()
         return loss
 
@@ -181,11 +249,16 @@ class WormSGD(torch.optim.SGD):
                 return False
             groups.append((group, params, be))
         r = self._trunc.r
+        done = ()
+        if self._penalty.active:
+            # penalised grads: truncated then penalised here, not truncated again below
+            self._penalty.apply_(self._trunc, "WormSGD")
+            done = self._penalty.where
         for group, params, be in groups:
             grads = [p.grad for p in params]
             momentum = group["momentum"]
             bufs = [self.state[p].get("momentum_buffer") if momentum != 0 else None for p in params]
-            bits = [self._trunc.bits.get(p) for p in params]
+            bits = [None if p in done else self._trunc.bits.get(p) for p in params]
             new_bufs = be.sgd_step_(params, grads, bufs, bits, r=r, lr=group["lr"],
                                     weight_decay=group["weight_decay"], momentum=momentum,
                                     dampening=group["dampening"], nesterov=group["nesterov"],
@@ -220,6 +293,7 @@ class GradTruncation:
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
         self._trunc = _TruncationState()
+        self._penalty = _Penalty()
         self._handle = optimizer.register_step_pre_hook(self._pre_step)
 
     def set(self, masks: Optional[Dict[torch.Tensor, torch.Tensor]], r: float = 3e-3) -> None:
@@ -237,16 +311,24 @@ class GradTruncation:
             return
         self._trunc.bits, self._trunc.r = _check_bits(dict(bits), "GradTruncation"), _check_r(r)
 
+    def set_l1(self, where: Optional[dict], l1: float) -> None:
+        """The slimming penalty, added after truncation (see WormSGD.set_l1)."""
+        self._penalty.set(where, l1, {id(p) for p in _all_params(self.optimizer)},
+                          "GradTruncation.set_l1")
+
     @property
     def active(self) -> bool:
         return self._trunc.active
 
     def _pre_step(self, optimizer, args, kwargs):
+        if self._penalty.active:  # truncates its own params first, then penalises
+            self._penalty.apply_(self._trunc, type(optimizer).__name__)
         if not self._trunc.active:
             return None
+        done = self._penalty.where if self._penalty.active else ()
         by_device: dict = {}
         for p, bits in self._trunc.bits.items():
-            if p.grad is None:
+            if p.grad is None or p in done:
                 continue
             _no_sparse(p, type(optimizer).__name__)
             grads, bl = by_device.setdefault(p.grad.device, ([], []))

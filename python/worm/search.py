@@ -57,12 +57,15 @@ class EarlyBird:
         prune_ratio, window, stop, delta, r, scope: METHOD.md's p, l, s, delta, r, scope.
         every: sample automatically every ``every`` optimizer steps (a step post-hook);
             None: the caller calls :meth:`step` at each sampling point.
+        l1: network slimming (METHOD.md): ``g += l1 * sign(w)`` on the representative
+            weights at every optimizer step, after truncation, until :meth:`close`.
+            0 (the default) leaves the step exactly as without it.
     """
 
     def __init__(self, model: Optional[nn.Module], optimizer: Optional[torch.optim.Optimizer] = None,
                  mode: str = "worm", layers="bn", prune_ratio: float = 0.5, window: int = 5,
                  stop: float = 0.1, delta: float = 0.05, r: float = 3e-3, scope: str = "global",
-                 every: Optional[int] = None):
+                 every: Optional[int] = None, l1: float = 0.0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if scope not in ("global", "layer"):
@@ -78,6 +81,9 @@ class EarlyBird:
         self.prune_ratio = _ref.check_ratio(prune_ratio)
         self.mode, self.window, self.stop, self.delta = mode, int(window), float(stop), float(delta)
         self.r = float(r)
+        self.l1 = float(l1)
+        if not (self.l1 >= 0 and self.l1 != float("inf")):
+            raise ValueError(f"l1 must be a finite penalty >= 0, got {l1!r}")
         self.scope, self.every = scope, every
         self.model, self.optimizer = model, optimizer
 
@@ -100,13 +106,19 @@ class EarlyBird:
 
         self._truncation = None
         self._hooks = []
-        if mode != "eb":
+        if mode != "eb" or self.l1:
             if optimizer is None:
-                raise ValueError(f"mode={mode!r} truncates gradients and needs the optimizer")
+                why = f"mode={mode!r} truncates gradients" if mode != "eb" else "l1 > 0 penalises gradients"
+                raise ValueError(f"{why} and needs the optimizer")
             self._check_optimizer_holds_params(optimizer)
+            if self.l1 and any(g.get("maximize") for g in optimizer.param_groups):
+                raise ValueError("l1 > 0 with maximize=True: the slimming penalty is defined for "
+                                 "minimisation; negate the loss instead")
             if not isinstance(optimizer, WormSGD):
                 self._truncation = GradTruncation(optimizer)
                 self._hooks.append(self._truncation)
+            if self.l1:
+                self._set_l1(self.l1)
         if every is not None:
             if optimizer is None:
                 raise ValueError("every= counts optimizer steps and needs the optimizer")
@@ -156,6 +168,19 @@ class EarlyBird:
             for p in sliced:
                 bits[p] = _ref.pack([full[p]])
         return bits
+
+    def _set_l1(self, l1: float) -> None:
+        where = {}
+        for rep in self.reps:
+            if rep.index is None:
+                where[rep.param] = None
+            else:  # a slice of a packed weight: penalise only its entries
+                m = where.get(rep.param)
+                m = torch.zeros_like(rep.param, dtype=torch.bool) if m is None else m
+                m[rep.index] = True
+                where[rep.param] = m
+        target = self.optimizer if isinstance(self.optimizer, WormSGD) else self._truncation
+        target.set_l1(where if l1 else None, l1)
 
     def _apply_truncation(self, on: bool) -> None:
         if self.mode == "eb" or self.optimizer is None:
@@ -231,6 +256,8 @@ class EarlyBird:
         """Switch truncation off and remove the hooks this search registered."""
         if self.truncating:
             self._apply_truncation(False)
+        if self.l1:
+            self._set_l1(0.0)
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -238,7 +265,7 @@ class EarlyBird:
     # ------------------------------------------------------------- state dict
     def _config(self) -> dict:
         return {"mode": self.mode, "prune_ratio": self.prune_ratio, "window": self.window,
-                "stop": self.stop, "delta": self.delta, "r": self.r, "scope": self.scope,
+                "stop": self.stop, "delta": self.delta, "r": self.r, "l1": self.l1, "scope": self.scope,
                 "every": self.every, "numel": self.numel, "names": [rep.name for rep in self.reps]}
 
     def state_dict(self) -> dict:
