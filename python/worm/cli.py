@@ -16,15 +16,33 @@ from pathlib import Path
 TEXT_TASKS = ("minilm-rt", "csv")
 
 # Paper defaults: CNN s 0.1, delta 0.05, window 5; BERT s 0.01, delta 0.005, window 3.
-CNN_DEFAULTS = {"stop": 0.1, "delta": 0.05, "window": 5}
+CNN_DEFAULTS = {"stop": 0.1, "delta": 0.05, "window": 5, "l1": 1e-4}
 TEXT_DEFAULTS = {"stop": 0.01, "delta": 0.005, "window": 3}
+
+
+def _l1(v: str) -> float:
+    x = float(v)
+    if not (0 <= x < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {v}")
+    return x
+
+
+def _floor(v: str) -> float:
+    x = float(v)
+    if not (0 <= x < 1):
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (largest share of a layer's channels "
+                                         f"that may go), got {v}")
+    return x
 
 
 def _add_common(p: argparse.ArgumentParser, text: bool) -> None:
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default="digits", help="digits | fashion-mnist | cifar10 (default: digits)")
     g.add_argument("--data-root", default=None, help="folder of the dataset (cifar10: torchvision layout)")
-    g.add_argument("--model", default="cnn", help="cnn | resnet18 | vgg11_bn (default: cnn)")
+    g.add_argument("--model", default="cnn",
+                   help="cnn | resnet18 | vgg11_bn (built in, 32x32), or a torchvision model name "
+                        "built with random weights: mobilenet_v3_small, efficientnet_b0, "
+                        "regnet_x_400mf, densenet121; torchvision.NAME picks torchvision even for resnet18 (default: cnn)")
     g.add_argument("--width", type=float, default=None,
                    help="channel width multiplier (default 2.0 for cnn, 1.0 otherwise)")
     g.add_argument("--train-subset", type=int, default=None, help="use N training images (seeded, stratified)")
@@ -43,6 +61,13 @@ def _add_common(p: argparse.ArgumentParser, text: bool) -> None:
     g.add_argument("--stop", type=float, default=None, help="s: 0.1 for CNNs, 0.01 for text")
     g.add_argument("--delta", type=float, default=None, help="0.05 for CNNs, 0.005 for text")
     g.add_argument("--r", type=float, default=3e-3, help="truncation factor r (default 3e-3)")
+    g.add_argument("--l1", type=_l1, default=None,
+                   help="CNN: network-slimming penalty on the BN gammas, both arms (default 1e-4, "
+                        "Early-Bird's recipe; 0 = off)")
+    g.add_argument("--floor", type=_floor, default=None,
+                   help="CNN: per-layer floor when pruning the global ticket: no layer loses more "
+                        "than this share of its channels (Torch-Pruning's max_pruning_ratio; "
+                        "default off, as Early-Bird)")
     if text:
         g = p.add_argument_group("text (the paper's BERT study)")
         g.add_argument("--task", default=None, choices=TEXT_TASKS,
@@ -82,7 +107,8 @@ def _cnn_config(a):
         window=a.window or CNN_DEFAULTS["window"],
         stop=a.stop if a.stop is not None else CNN_DEFAULTS["stop"],
         delta=a.delta if a.delta is not None else CNN_DEFAULTS["delta"],
-        r=a.r, threads=a.threads, progress=not a.quiet)
+        r=a.r, threads=a.threads, progress=not a.quiet,
+        l1=a.l1 if a.l1 is not None else CNN_DEFAULTS["l1"], max_pruning_ratio=a.floor)
 
 
 def _out_dir(a, kind, what) -> Path:
@@ -116,6 +142,8 @@ def _compare(a) -> int:
     if a.task:
         if a.task == "csv" and not a.csv:  # before any slow import or training
             raise SystemExit("worm compare --task csv needs --csv PATH (columns text,label)")
+        if a.l1 is not None or a.floor is not None:
+            raise SystemExit("worm compare: --l1 and --floor apply to CNN runs, not --task")
         from .experiments_text import plot_losses, run_text_compare
         kw = dict(task=a.task, seeds=tuple(a.seeds), progress=not a.quiet,
                   window=a.window or TEXT_DEFAULTS["window"],
@@ -140,7 +168,8 @@ def _compare(a) -> int:
     cfg = _cnn_config(a)
     print(f"worm compare: {cfg.model} (width {cfg.width}) on {cfg.dataset}"
           f"{f', {cfg.train_subset} train images' if cfg.train_subset else ''}, seeds {list(cfg.seeds)}, "
-          f"s={cfg.stop} delta={cfg.delta} window={cfg.window} p={cfg.prune_ratio} r={cfg.r}")
+          f"s={cfg.stop} delta={cfg.delta} window={cfg.window} p={cfg.prune_ratio} r={cfg.r} "
+          f"l1={cfg.l1} floor={cfg.max_pruning_ratio}")
     result = compare(cfg)
     out = _out_dir(a, "compare", f"{cfg.dataset}-{cfg.model}")
     _write(result, out, [(plot_distances, "distances.png")])

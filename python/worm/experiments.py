@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from . import data as _data
 from . import models as _models
 from .optim import WormSGD
-from .prune import count_flops, count_params, prune_channels
+from .prune import count_flops, count_params, prune_channels, prune_report
 from .search import EarlyBird
 
 try:
@@ -61,6 +61,10 @@ class CNNConfig:
     delta: float = 0.05
     r: float = 3e-3
     restore: float = 0.9        # "epochs until 90% of the pre-prune accuracy"
+    l1: float = 0.0             # network slimming on the BN gammas (EB's recipe: 1e-4; CLI default)
+    max_pruning_ratio: Optional[float] = None   # per-layer floor when pruning (None: off, as EB)
+    coupled: str = "any"        # how coupled channels are decided (worm.prune_channels)
+    latency: bool = True        # measure CPU latency dense vs pruned (worm.prune_report)
     threads: Optional[int] = None
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -123,7 +127,7 @@ def run_one(cfg: CNNConfig, seed: int, mode: str, init_state: dict, train, test,
     opt = WormSGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     search = EarlyBird(model, opt, mode=mode, layers="bn", prune_ratio=cfg.prune_ratio,
                        window=cfg.window, stop=cfg.stop, delta=cfg.delta,
-                       r=cfg.r if r is None else r)
+                       r=cfg.r if r is None else r, l1=cfg.l1)
     test_loader = _loader(test, 512)
     label = label or mode
     t0 = time.perf_counter()
@@ -140,7 +144,9 @@ def run_one(cfg: CNNConfig, seed: int, mode: str, init_state: dict, train, test,
     search.close()
 
     t1 = time.perf_counter()
-    small = prune_channels(model, ticket)
+    example = torch.zeros(1, info["in_channels"], 32, 32)
+    small, plan = prune_channels(model, ticket, example, coupled=cfg.coupled,
+                                 max_pruning_ratio=cfg.max_pruning_ratio, return_plan=True)
     pruned_acc = evaluate(small, test_loader)
     ropt = torch.optim.SGD(small.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay)
@@ -152,6 +158,11 @@ def run_one(cfg: CNNConfig, seed: int, mode: str, init_state: dict, train, test,
     retrain_time = time.perf_counter() - t1
     shape = (1, info["in_channels"], 32, 32)
     hist = search.history
+    latency = {}
+    if cfg.latency:
+        rep = prune_report(model, small, example, threads=1)
+        latency = {"latency_ms": rep["latency_ms"], "latency_ratio_b1": rep["latency_ratio"][1],
+                   "latency_ratio_b32": rep["latency_ratio"][32]}
     return {
         "seed": seed, "method": label, "mode": mode, "r": search.r,
         "found": search.found, "search_epochs": len(hist),
@@ -163,6 +174,8 @@ def run_one(cfg: CNNConfig, seed: int, mode: str, init_state: dict, train, test,
         "sampling_time_s": sum(h.seconds for h in hist),
         "params_before": count_params(model), "params_after": count_params(small),
         "flops_before": count_flops(model, shape), "flops_after": count_flops(small, shape),
+        "ticket_departure": plan.departure, "plan": plan.summary(),
+        "l1": cfg.l1, "max_pruning_ratio": cfg.max_pruning_ratio, **latency,
         "d_max": [h.d_max for h in hist], "d_avg": [h.d_avg for h in hist],
         "train_loss": losses,
     }
@@ -224,6 +237,10 @@ COLUMNS = [  # (key, header, kind)
     ("restore_epochs", "epochs to 90% restore", "reach"),  # None: not reached in the run
     ("found", "ticket found", "frac"),
     ("params_kept", "params kept", "pct"),
+    ("flops_kept", "MACs kept", "pct"),
+    ("latency_ratio_b1", "CPU latency pruned/dense, batch 1", "pct"),
+    ("latency_ratio_b32", "CPU latency pruned/dense, batch 32", "pct"),
+    ("ticket_departure", "channels departing from ticket", "pct"),
     ("time_s", "wall time (s)", "num"),
 ]
 
@@ -232,10 +249,11 @@ def _value(run, key):
     if key == "gain":
         a, b = run.get("retrain1_acc"), run.get("pre_prune_acc")
         return None if a is None or b is None else a - b
-    if key == "params_kept":
-        if not run.get("params_before"):
+    if key in ("params_kept", "flops_kept"):
+        what = key.split("_")[0]
+        if not run.get(f"{what}_before"):
             return None
-        return run["params_after"] / run["params_before"]
+        return run[f"{what}_after"] / run[f"{what}_before"]
     v = run.get(key)
     if isinstance(v, bool):
         return float(v)
@@ -293,26 +311,65 @@ def write_csv(result: dict, path) -> None:
             w.writerow(row)
 
 
+def _events(run: dict):
+    """(sampling step where truncation switched on or None, step where the ticket was
+    found or None, number of sampling steps) for a CNN or a text record."""
+    hist = run.get("history")
+    if hist:
+        on = next((h.get("index") for h in hist if h.get("truncating")), None)
+        found = hist[-1].get("index") if hist[-1].get("found") else None
+        return on, found, len(hist)
+    n = len(run.get("d_max", []))
+    return run.get("truncation_epoch"), n if run.get("found") else None, n
+
+
 def plot_distances(result: dict, path) -> None:
-    """d_max and d_avg per sampling step, each method (the paper's Figure 1)."""
+    """d_max and d_avg per sampling step, each method (the paper's Figure 1).
+
+    A triangle marks the step where WORM switched truncation on, a star the step where
+    the ticket was found. A run whose window filled at the very step the ticket was
+    found has one distance, not a trajectory: it is listed in a note, not drawn.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     cfg = result["config"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    colors = {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    colors, notes, labelled = {}, [], set()
     for r in result["runs"]:
         c = colors.setdefault(r["method"], f"C{len(colors)}")
         # CNN records keep d_max/d_avg lists; text records keep the search history
         series = {k: r[k] if k in r else [h.get(k) for h in r.get("history", [])]
                   for k in ("d_max", "d_avg")}
         xs = [i + 1 for i, v in enumerate(series["d_max"]) if v is not None]
+        on, found, n = _events(r)
+        if found is not None and len(xs) <= 1:
+            d = series["d_max"][found - 1] if found - 1 < len(series["d_max"]) else None
+            notes.append(f"{r['method']} seed {r['seed']}: window filled at step {found} and the "
+                         f"ticket was found there" + (f" (d_max {d:.3f})" if d is not None else ""))
+            continue
         for ax, key in zip(axes, ("d_max", "d_avg")):
-            ys = [v for v in series[key] if v is not None]
-            first = r["seed"] == result["runs"][0]["seed"]
-            ax.plot(xs, ys, "-o", ms=3, color=c, alpha=0.75, label=r["method"] if first else None)
+            ys = {i + 1: v for i, v in enumerate(series[key]) if v is not None}
+            first = r["method"] not in labelled
+            ax.plot(xs, [ys[x] for x in xs], "-o", ms=3, color=c, alpha=0.75,
+                    label=r["method"] if first else None)
+            if on is not None:
+                if on in ys:
+                    ax.plot([on], [ys[on]], "^", ms=9, color=c, mec="k",
+                            label="truncation on" if "on" not in labelled else None)
+                else:  # switched on before the window was full ("truncate" mode)
+                    ax.axvline(on, color=c, ls=":", lw=1,
+                               label="truncation on" if "on" not in labelled else None)
+            if found is not None and found in ys:
+                ax.plot([found], [ys[found]], "*", ms=12, color=c, mec="k",
+                        label="ticket found" if "found" not in labelled else None)
+        labelled.add(r["method"])
+        if on is not None:
+            labelled.add("on")
+        if found is not None:
+            labelled.add("found")
     stop, delta = cfg.get("stop"), cfg.get("delta")
     for ax, key in zip(axes, ("d_max", "d_avg")):
         if stop is not None:
@@ -323,11 +380,15 @@ def plot_distances(result: dict, path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{key} over the window (one line per seed)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     axes[0].set_ylabel("mask distance")
     fig.suptitle(f"{cfg.get('model', '')} on {cfg.get('dataset', cfg.get('task', ''))}: mask distance, "
                  f"window {cfg.get('window')}")
-    fig.tight_layout()
+    if notes:
+        fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, va="bottom")
+        fig.tight_layout(rect=(0, 0.04 * len(notes) + 0.02, 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

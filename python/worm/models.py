@@ -25,7 +25,7 @@ from torch import nn
 import torch.nn.functional as F
 
 __all__ = ["MODELS", "build", "scaled", "BasicBlock", "ResNet", "PlainCNN",
-           "VGG11_CFG", "TINY_CFG"]
+           "VGG11_CFG", "TINY_CFG", "RepeatChannels", "torchvision_model"]
 
 VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 TINY_CFG = (16, "M", 32, "M", 32, "M")
@@ -138,8 +138,42 @@ def _scaled_cfg(cfg, width):
     return tuple(v if v == "M" else scaled(v, width) for v in cfg)
 
 
+class RepeatChannels(nn.Module):
+    """Repeats a ``c``-channel image to ``to`` channels (grey images into an RGB
+    network); no parameters, so it changes nothing the search or the pruner sees."""
+
+    def __init__(self, to: int = 3):
+        super().__init__()
+        self.to = to
+
+    def forward(self, x):
+        return x.repeat_interleave(self.to // x.shape[1], dim=1) if x.shape[1] != self.to else x
+
+
+def torchvision_model(name: str, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
+    """``torchvision.models.get_model(name, weights=None, num_classes=...)``: random
+    weights, never a download. Inputs with other than 3 channels go through
+    :class:`RepeatChannels` first (``in_channels`` must divide 3)."""
+    try:
+        import torchvision
+    except ImportError as e:
+        raise ValueError(f"model {name!r} is not built in and torchvision is not installed") from e
+    names = set(torchvision.models.list_models(module=torchvision.models))
+    if name not in names:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} or a "
+                         "torchvision classification model (e.g. resnet18, mobilenet_v3_small, "
+                         "efficientnet_b0, regnet_x_400mf, densenet121)")
+    if 3 % in_channels:
+        raise ValueError(f"torchvision models take 3-channel images; {in_channels} channels "
+                         "cannot be repeated to 3")
+    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    return net if in_channels == 3 else nn.Sequential(RepeatChannels(3), net)
+
+
 def build(name: str, in_channels: int = 3, num_classes: int = 10, width: float = 1.0) -> nn.Module:
-    """A fresh model by name (one of :data:`MODELS`) for 32x32 inputs."""
+    """A fresh model by name: one of :data:`MODELS` (32x32 inputs, ``width`` scales
+    the channels), else a torchvision classification model with random weights
+    (``width`` must be 1; see :func:`torchvision_model`)."""
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     if not isinstance(num_classes, int) or num_classes < 1:
@@ -147,10 +181,17 @@ def build(name: str, in_channels: int = 3, num_classes: int = 10, width: float =
     if not (float(width) > 0):
         raise ValueError(f"width must be > 0, got {width!r}")
     key = name.lower().replace("-", "_")
+    if key.startswith("torchvision."):  # torchvision's own, even where a built-in shares the name
+        if float(width) != 1.0:
+            raise ValueError(f"width={width!r} scales only the built-in models; {name!r} takes width 1")
+        return torchvision_model(name.split(".", 1)[1], in_channels, num_classes)
     if key == "resnet18":
         return ResNet(RESNET18_BLOCKS, in_channels, num_classes, width)
     if key == "vgg11_bn":
         return PlainCNN(_scaled_cfg(VGG11_CFG, width), in_channels, num_classes)
     if key == "cnn":
         return PlainCNN(_scaled_cfg(TINY_CFG, width), in_channels, num_classes)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if float(width) != 1.0:
+        raise ValueError(f"width={width!r} scales only the built-in models ({', '.join(MODELS)}); "
+                         f"torchvision's {name!r} takes width 1")
+    return torchvision_model(name, in_channels, num_classes)

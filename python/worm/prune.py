@@ -1,62 +1,78 @@
-"""Structured pruning: rebuild a CNN with fewer channels from an Early-Bird ticket.
+"""Structured pruning: remove the channels an Early-Bird ticket prunes from ANY
+BatchNorm CNN, through Torch-Pruning's dependency graph (DepGraph).
 
 A ticket is ``{bn.weight: keep}`` with ``keep`` a bool vector over that BatchNorm's
-channels (``EarlyBird.ticket`` with ``layers="bn"``). The rebuilt model really has
-fewer channels, so it runs fewer FLOPs; with the same weights it computes exactly
-what the original computes with the pruned channels' gamma and beta set to zero
-(such a channel is 0 after BN and ReLU, so the next layer never sees it).
+channels (``EarlyBird.ticket`` with ``layers="bn"``). DepGraph traces the model on
+``example_inputs`` and groups every channel with everything that must lose it too:
+the conv that makes it, its BN, the convs/linears that read it, and across residual
+adds, concatenations, depthwise and grouped convs and squeeze-excitation gates.
 
 Rules
 -----
-* The original model is not modified: the new one is a deep copy in which the
-  pruned layers are replaced by smaller ones, on the same device and dtype, with
-  the kept weights, BN statistics and ``num_batches_tracked`` copied, and the same
-  train/eval mode and ``requires_grad`` flags.
-* A layer never drops to zero channels: if a mask keeps none, the channel with the
-  largest ``|gamma|`` is kept (the public Early-Bird code drops such a layer, which
-  breaks the network).
-* A BN without a mask in the ticket keeps all its channels. A mask on a BN's bias
-  may be given too; it must equal the weight's mask (it is used if only the bias
-  has one).
-* ResNet (CIFAR BasicBlocks): only the inner channels of each block are pruned
-  (conv1/bn1 outputs, conv2 inputs). Block outputs (the stem BN, every bn2 and
-  shortcut BN) stay at full width so the residual sums line up; masks on those
-  BNs are ignored.
-* Plain stacks (VGG-11-BN, the tiny "cnn"): each conv/BN loses its pruned output
-  channels, the next conv the matching inputs, and after the last conv the
-  linear head the matching input features.
-* Other architectures raise a TypeError naming the class.
+* **Coupled channels.** A DepGraph group can hold several ticket BNs (a ResNet
+  stage's stem/bn2/shortcut BNs all add into one residual stream). Its channels are
+  decided together by ``coupled=``:
+  ``"any"`` (default): kept if any BN of the group keeps it (so every channel the
+  ticket keeps survives; the result can only be larger than the ticket);
+  ``"vote"``: kept if at least half of the group's BNs keep it.
+  A group with one ticket BN (a plain conv-BN chain) is realised exactly.
+* **Grouped convs.** When a group passes through a grouped conv with ``G`` channel
+  groups (not depthwise), each of the ``G`` slices loses the same positions (what
+  Torch-Pruning's own pruners do, so the conv stays valid): a position stays if the
+  rule above keeps it in at least half of the slices (so here even ``"any"`` may
+  remove a channel the ticket keeps; the plan counts it).
+* **Floor.** ``max_pruning_ratio`` (default None: off, faithful to EB): no group
+  loses more than that share of its channels; the channels with the largest summed
+  ``|gamma|`` are put back first.
+* **Never empty.** A group never drops to zero channels: the channel with the
+  largest summed ``|gamma|`` is kept (the public EB code drops such a layer).
+* Groups with no ticket BN (the classifier's outputs, an SE block's squeeze conv)
+  keep all their channels. A ticket mask on a BN's bias must equal its weight's.
+* The original model is not modified: the result is a deep copy with smaller layers
+  (a plain ``nn.Module``: no hooks, no masks), same device, dtype and mode. With
+  the same weights it computes what the original computes with the removed
+  channels' gamma and beta set to zero wherever a removed channel reads as 0
+  downstream (conv-BN-ReLU chains, and residual streams whose every BN removes it).
+
+``prune_channels(..., return_plan=True)`` also returns the :class:`ChannelPlan`:
+the realised keep mask of every ticket BN and how far it departs from the ticket.
 """
 from __future__ import annotations
 
 import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .models import BasicBlock, PlainCNN, ResNet
+from .layers import BN_TYPES
 
-__all__ = ["prune_channels", "count_params", "count_flops", "pruning_report", "format_report"]
+__all__ = ["prune_channels", "ChannelPlan", "floor_ticket", "count_params", "count_flops",
+           "pruning_report", "format_report", "prune_report"]
 
-_BN = (nn.BatchNorm2d,)
+_BN = BN_TYPES
+COUPLED_RULES = ("any", "vote")
 
 
 # ------------------------------------------------------------------ ticket checks
-def _bn_masks(model: nn.Module, ticket: Mapping) -> Dict[nn.Module, torch.Tensor]:
-    """The ticket as ``{bn module: keep (bool, cpu)}``, validated against the model."""
+def _bn_masks(model: nn.Module, ticket: Mapping) -> Dict[str, torch.Tensor]:
+    """The ticket as ``{bn module name: keep (bool, cpu)}``, validated against the model."""
     owner = {}
     for name, mod in model.named_modules():
         if isinstance(mod, _BN) and mod.weight is not None:
             owner[id(mod.weight)] = (mod, name, "weight")
             if mod.bias is not None:
                 owner[id(mod.bias)] = (mod, name, "bias")
-    by_bn: Dict[nn.Module, dict] = {}
+    by_bn: Dict[str, dict] = {}
     for key, keep in ticket.items():
         if id(key) not in owner:
             shape = tuple(key.shape) if isinstance(key, torch.Tensor) else type(key).__name__
             raise ValueError(f"ticket key (shape {shape}) is not the weight or bias of a "
-                             f"BatchNorm2d in this {type(model).__name__}; pass the ticket "
+                             f"BatchNorm in this {type(model).__name__}; pass the ticket "
                              "taken from this very model (search.ticket)")
         mod, name, kind = owner[id(key)]
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
@@ -65,137 +81,222 @@ def _bn_masks(model: nn.Module, ticket: Mapping) -> Dict[nn.Module, torch.Tensor
         if keep.shape != (mod.num_features,):
             raise ValueError(f"ticket mask for {name}.{kind} has shape {tuple(keep.shape)}; "
                              f"expected ({mod.num_features},)")
-        by_bn.setdefault(mod, {"name": name})[kind] = keep.detach().cpu()
+        by_bn.setdefault(name, {})[kind] = keep.detach().cpu()
     out = {}
-    for mod, d in by_bn.items():
+    for name, d in by_bn.items():
         w, b = d.get("weight"), d.get("bias")
         if w is not None and b is not None and not torch.equal(w, b):
-            raise ValueError(f"ticket masks for {d['name']}.weight and {d['name']}.bias differ; "
+            raise ValueError(f"ticket masks for {name}.weight and {name}.bias differ; "
                              "a channel is kept or pruned as a whole")
-        out[mod] = w if w is not None else b
+        out[name] = w if w is not None else b
     return out
 
 
-def _kept_index(bn: nn.Module, keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Indexes of kept channels (cpu int64), or None when all are kept."""
-    if keep is None or bool(keep.all()):
+def _check_ratio(max_pruning_ratio) -> Optional[float]:
+    if max_pruning_ratio is None:
         return None
-    if not bool(keep.any()):
-        # Keep the strongest channel rather than cut the network in two.
-        return bn.weight.detach().abs().float().argmax().reshape(1).cpu()
-    return keep.nonzero().flatten()
+    r = float(max_pruning_ratio)
+    if not (0.0 <= r < 1.0):
+        raise ValueError(f"max_pruning_ratio must be in [0, 1) (the largest share of a layer's "
+                         f"channels that may go) or None, got {max_pruning_ratio!r}")
+    return r
 
 
-# ------------------------------------------------------------- smaller layers
-def _like(new: nn.Module, old: nn.Module) -> nn.Module:
-    new.train(old.training)
-    for (_, pn), (_, po) in zip(new.named_parameters(), old.named_parameters()):
-        pn.requires_grad_(po.requires_grad)
-    return new
+def _floored(keep: torch.Tensor, score: torch.Tensor, ratio: Optional[float]) -> torch.Tensor:
+    """``keep`` with the best-scored pruned entries put back until at most ``ratio``
+    of them (and never all) are pruned."""
+    n = keep.numel()
+    need = 1 if ratio is None else max(1, math.ceil(n * (1.0 - ratio) - 1e-9))
+    have = int(keep.sum())
+    if have >= need:
+        return keep
+    keep = keep.clone()
+    cand = torch.where(keep, torch.full_like(score, -math.inf), score)
+    keep[cand.topk(need - have).indices] = True
+    return keep
 
 
-def _take(t: torch.Tensor, dim: int, idx: Optional[torch.Tensor]) -> torch.Tensor:
-    return t if idx is None else t.index_select(dim, idx.to(t.device))
+def floor_ticket(ticket: Mapping, max_pruning_ratio: float) -> dict:
+    """The ticket with a per-tensor floor: no tensor loses more than ``max_pruning_ratio``
+    of its entries; the largest-``|w|`` pruned entries come back first. Works on any
+    ticket ``{param: keep}`` (channel or unstructured); keys are kept."""
+    ratio = _check_ratio(max_pruning_ratio)
+    out = {}
+    for p, keep in ticket.items():
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != p.shape:
+            raise ValueError("floor_ticket: masks must be bool tensors of their parameter's shape")
+        flat = _floored(keep.detach().reshape(-1).cpu(), p.detach().reshape(-1).abs().float().cpu(), ratio)
+        out[p] = flat.reshape(keep.shape).to(keep.device)
+    return out
 
 
-def _sub_conv(conv: nn.Conv2d, out_idx=None, in_idx=None) -> nn.Conv2d:
-    if conv.groups != 1:
-        raise TypeError(f"cannot prune grouped convolution (groups={conv.groups})")
-    w = _take(_take(conv.weight.detach(), 0, out_idx), 1, in_idx)
-    new = nn.Conv2d(w.shape[1], w.shape[0], conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, 1, conv.bias is not None, conv.padding_mode,
-                    device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if conv.bias is not None:
-            new.bias.copy_(_take(conv.bias.detach(), 0, out_idx))
-    return _like(new, conv)
+# ------------------------------------------------------------- the plan
+@dataclass
+class ChannelPlan:
+    """What :func:`prune_channels` did, per ticket BN (names as in the model).
+
+    ``ticket`` and ``realised`` hold each BN's keep mask before and after coupling
+    and the floor; ``added`` counts channels kept against the ticket, ``removed``
+    channels removed against it (only ``coupled="vote"`` removes any);
+    ``departure`` is (added + removed) / ticket BN channels.
+    """
+
+    ticket: Dict[str, torch.Tensor] = field(default_factory=dict)
+    realised: Dict[str, torch.Tensor] = field(default_factory=dict)
+    coupled: str = "any"
+    max_pruning_ratio: Optional[float] = None
+    groups: int = 0            # DepGraph groups touched by the ticket
+    coupled_groups: int = 0    # of which held more than one ticket BN
+
+    @property
+    def added(self) -> int:
+        return sum(int((r & ~self.ticket[n]).sum()) for n, r in self.realised.items())
+
+    @property
+    def removed(self) -> int:
+        return sum(int((~r & self.ticket[n]).sum()) for n, r in self.realised.items())
+
+    @property
+    def channels(self) -> int:
+        return sum(t.numel() for t in self.ticket.values())
+
+    @property
+    def departure(self) -> float:
+        return (self.added + self.removed) / max(self.channels, 1)
+
+    def summary(self) -> dict:
+        return {"coupled": self.coupled, "max_pruning_ratio": self.max_pruning_ratio,
+                "groups": self.groups, "coupled_groups": self.coupled_groups,
+                "ticket_channels": self.channels,
+                "ticket_kept": sum(int(t.sum()) for t in self.ticket.values()),
+                "realised_kept": sum(int(r.sum()) for r in self.realised.values()),
+                "added": self.added, "removed": self.removed, "departure": self.departure}
 
 
-def _sub_bn(bn: nn.BatchNorm2d, idx) -> nn.BatchNorm2d:
-    ref = bn.weight if bn.weight is not None else bn.running_mean
-    n = bn.num_features if idx is None else len(idx)
-    new = type(bn)(n, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                   device=ref.device, dtype=ref.dtype)
-    with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            src = getattr(bn, name)
-            if src is not None:
-                getattr(new, name).copy_(_take(src.detach(), 0, idx))
-        if bn.num_batches_tracked is not None:
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)
-    return _like(new, bn)
+def _default_example(model: nn.Module) -> torch.Tensor:
+    p = next(model.parameters(), None)
+    return torch.zeros(_default_input(model), device=p.device if p is not None else "cpu",
+                       dtype=p.dtype if p is not None else torch.float32)
 
 
-def _sub_linear(lin: nn.Linear, in_idx) -> nn.Linear:
-    w = _take(lin.weight.detach(), 1, in_idx)
-    new = nn.Linear(w.shape[1], w.shape[0], lin.bias is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if lin.bias is not None:
-            new.bias.copy_(lin.bias.detach())
-    return _like(new, lin)
-
-
-# ------------------------------------------------------------- architectures
-def _prune_resnet(model: ResNet, masks) -> ResNet:
-    new = copy.deepcopy(model)
-    for old_b, b in zip(model.blocks(), new.blocks()):
-        if not isinstance(old_b, BasicBlock):
-            raise TypeError(f"cannot prune ResNet block {type(old_b).__name__}; "
-                            "only BasicBlock is supported")
-        idx = _kept_index(old_b.bn1, masks.get(old_b.bn1))
-        if idx is None:
+def _channel_groups(DG, group) -> int:
+    """How many channel slices a grouped conv in this group forces (1: none)."""
+    g = 1
+    for item in group:
+        m, fn = item.dep.target.module, item.dep.handler
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels:
+            continue  # depthwise: in and out are simply the same channels
+        pruner = DG.get_pruner_of_module(m)
+        if pruner is None:
             continue
-        b.conv1 = _sub_conv(old_b.conv1, out_idx=idx)
-        b.bn1 = _sub_bn(old_b.bn1, idx)
-        b.conv2 = _sub_conv(old_b.conv2, in_idx=idx)
-    return new
+        if DG.is_out_channel_pruning_fn(fn):
+            g = max(g, int(pruner.get_out_channel_groups(m) or 1))
+        else:
+            g = max(g, int(pruner.get_in_channel_groups(m) or 1))
+    return g
 
 
-def _prune_plain(model: PlainCNN, masks) -> PlainCNN:
-    new = copy.deepcopy(model)
-    feats = list(model.features)
-    prev = None   # kept input channels of the next conv (None: all)
-    cfg = []
-    for i, m in enumerate(feats):
-        if isinstance(m, nn.Conv2d):
-            bn = feats[i + 1] if i + 1 < len(feats) else None
-            if not isinstance(bn, _BN):
-                raise TypeError(f"PlainCNN.features[{i}] is a conv not followed by BatchNorm2d; "
-                                "cannot tell which channels to prune")
-            idx = _kept_index(bn, masks.get(bn))
-            new.features[i] = _sub_conv(m, out_idx=idx, in_idx=prev)
-            new.features[i + 1] = _sub_bn(bn, idx)
-            prev = idx
-            cfg.append(bn.num_features if idx is None else len(idx))
-        elif isinstance(m, nn.MaxPool2d):
-            cfg.append("M")
-        elif not isinstance(m, (_BN, nn.ReLU, nn.Identity, nn.Dropout)):
-            raise TypeError(f"PlainCNN.features[{i}] is a {type(m).__name__}; cannot tell how "
-                            "it maps channels")
-    new.classifier = _sub_linear(model.classifier, prev)
-    new.cfg = tuple(cfg)
-    return new
+def _decide(votes: torch.Tensor, score: torch.Tensor, counts: torch.Tensor, coupled: str,
+            ch_groups: int, ratio: Optional[float]) -> torch.Tensor:
+    """Root-channel keep mask from per-channel keep votes, voter counts and summed |gamma|."""
+    keep = votes > 0 if coupled == "any" else 2 * votes >= counts
+    if ch_groups > 1 and keep.numel() % ch_groups == 0:
+        # a grouped conv needs the same positions in every slice: a position stays if
+        # at least half the slices keep it ("any" across 16-32 slices would keep all)
+        pos = 2 * keep.view(ch_groups, -1).sum(0) >= ch_groups
+        pos = _floored(pos, score.view(ch_groups, -1).sum(0), ratio)
+        return pos.repeat(ch_groups)
+    return _floored(keep, score, ratio)
 
 
-def prune_channels(model: nn.Module, ticket: Mapping) -> nn.Module:
+def prune_channels(model: nn.Module, ticket: Mapping, example_inputs=None, *,
+                   coupled: str = "any", max_pruning_ratio: Optional[float] = None,
+                   return_plan: bool = False):
     """A new, smaller model with the channels the ticket prunes physically removed.
 
-    ``ticket``: ``{bn.weight: keep (bool, shape (C,))}``. See the module docstring for
-    the rules (never zero channels; ResNet prunes block-inner channels only).
+    Args:
+        model: any CNN whose channels a BatchNorm ranks (torchvision's resnet18/50,
+            mobilenet_v3, efficientnet, regnet, densenet, a user's own...).
+        ticket: ``{bn.weight: keep (bool, shape (C,))}`` (``search.ticket``).
+        example_inputs: what ``model(example_inputs)`` accepts, to trace the graph
+            (default: zeros of ``(1, C, 32, 32)`` for the first conv's C).
+        coupled: ``"any"`` or ``"vote"``: how a group of coupled BNs decides (module doc).
+        max_pruning_ratio: the per-layer floor (None: off).
+        return_plan: also return the :class:`ChannelPlan` (realised masks, departure).
     """
-    if isinstance(model, ResNet):
-        pruner = _prune_resnet
-    elif isinstance(model, PlainCNN):
-        pruner = _prune_plain
-    else:
-        raise TypeError(f"prune_channels does not know how to rebuild {type(model).__name__}; "
-                        "supported: worm.models.ResNet (resnet18) and worm.models.PlainCNN "
-                        "(vgg11_bn, cnn)")
+    try:
+        import torch_pruning as tp
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ImportError("prune_channels needs Torch-Pruning: pip install torch-pruning") from e
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(ticket, Mapping):
         raise TypeError(f"ticket must be a dict {{bn.weight: keep_mask}}, got {type(ticket).__name__}")
-    return pruner(model, _bn_masks(model, ticket))
+    if coupled not in COUPLED_RULES:
+        raise ValueError(f"coupled must be one of {COUPLED_RULES}, got {coupled!r}")
+    ratio = _check_ratio(max_pruning_ratio)
+    masks = _bn_masks(model, ticket)
+    plan = ChannelPlan(ticket=dict(masks), coupled=coupled, max_pruning_ratio=ratio)
+
+    new = copy.deepcopy(model)
+    if example_inputs is None:
+        example_inputs = _default_example(new)
+    modes = [(m, m.training) for m in new.modules()]
+    new.eval()  # tracing must not move BN statistics
+    try:
+        DG = tp.DependencyGraph().build_dependency(new, example_inputs=example_inputs)
+    except Exception as e:
+        raise RuntimeError(f"prune_channels could not trace {type(model).__name__} on the example "
+                           f"inputs ({type(e).__name__}: {e}); pass example_inputs that "
+                           "model(example_inputs) accepts") from e
+    finally:
+        for m, t in modes:
+            m.training = t
+    name_of = {m: n for n, m in new.named_modules()}
+    gammas = {n: m.weight.detach().abs().float().cpu() for n, m in new.named_modules() if n in masks}
+
+    # Plan every group on the untouched graph (all indices in original coordinates),
+    # then prune group by group: each root's own output indices are only changed by
+    # its own group, so the planned root indices stay valid.
+    todo = []
+    realised = {n: torch.ones_like(k) for n, k in masks.items()}
+    for group in DG.get_all_groups(root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
+        root, root_fn = group[0].dep.target.module, group[0].dep.handler
+        n = len(group[0].idxs)
+        votes = torch.zeros(n)
+        score = torch.zeros(n)
+        counts = torch.zeros(n)
+        members, seen = 0, []
+        for item in group:
+            mod = item.dep.target.module
+            name = name_of.get(mod)
+            if name not in masks or not DG.is_out_channel_pruning_fn(item.dep.handler) \
+                    or not isinstance(mod, _BN):
+                continue
+            idx = torch.as_tensor([int(i) for i in item.idxs], dtype=torch.long)
+            root_idx = torch.as_tensor([int(i) for i in item.root_idxs], dtype=torch.long)
+            votes.index_add_(0, root_idx, masks[name][idx].float())
+            score.index_add_(0, root_idx, gammas[name][idx])
+            counts.index_add_(0, root_idx, torch.ones(len(root_idx)))
+            members += 1
+            seen.append((name, idx, root_idx))
+        if not members:
+            continue
+        plan.groups += 1
+        plan.coupled_groups += members > 1
+        # channels no ticket BN covers (a concat's other inputs) are not this group's to cut
+        keep = _decide(votes, score, counts, coupled, _channel_groups(DG, group), ratio) | (counts == 0)
+        for name, idx, root_idx in seen:
+            realised[name][idx] = keep[root_idx]
+        drop = (~keep).nonzero().flatten().tolist()
+        if drop:
+            todo.append((root, root_fn, drop))
+    for root, root_fn, drop in todo:
+        g = DG.get_pruning_group(root, root_fn, idxs=drop)
+        g.prune()
+    del DG
+    plan.realised = realised
+    return (new, plan) if return_plan else new
 
 
 # ------------------------------------------------------------- measuring
@@ -279,3 +380,63 @@ def format_report(rep: Mapping) -> str:
             f"MACs {rep['flops_before']:,} -> {rep['flops_after']:,} "
             f"({100 * rep['flops_kept']:.1f}% kept); "
             f"BN channels pruned {pruned:,} of {total:,}")
+
+
+# ------------------------------------------------------------- dense vs pruned
+def _latency_ms(model: nn.Module, x: torch.Tensor, reps: int, min_time: float) -> float:
+    """Median wall time of one forward, in ms, after two warm-up calls."""
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+        times, t_end = [], time.perf_counter() + min_time
+        while len(times) < reps or time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+            if len(times) >= 10 * reps:
+                break
+    return 1000 * statistics.median(times)
+
+
+def prune_report(dense: nn.Module, pruned: nn.Module, example_inputs=None, *,
+                 batch_sizes: Sequence[int] = (1, 32), reps: int = 5, min_time: float = 0.2,
+                 threads: Optional[int] = None) -> dict:
+    """Parameters, MACs and *measured* CPU inference latency, dense vs pruned.
+
+    ``example_inputs``: one input tensor (its first row is repeated to each batch size;
+    default zeros of ``(1, C, 32, 32)``). Both models are timed as eval-mode CPU copies
+    under no_grad, alternately per batch size, median of at least ``reps`` calls and
+    ``min_time`` seconds. Keys: params_dense, params_pruned, params_kept, flops_dense,
+    flops_pruned, flops_kept (MACs per image), latency_ms ({batch: {"dense", "pruned"}}),
+    latency_ratio ({batch: pruned / dense}), threads, text.
+    """
+    if example_inputs is None:
+        example_inputs = _default_example(dense)
+    if not isinstance(example_inputs, torch.Tensor):
+        raise TypeError("prune_report: example_inputs must be one tensor (a batch of inputs)")
+    one = example_inputs[:1].detach().cpu().float()
+    rep = {"params_dense": count_params(dense), "params_pruned": count_params(pruned),
+           "flops_dense": count_flops(dense, tuple(one.shape)),
+           "flops_pruned": count_flops(pruned, tuple(one.shape))}
+    rep["params_kept"] = rep["params_pruned"] / max(rep["params_dense"], 1)
+    rep["flops_kept"] = rep["flops_pruned"] / max(rep["flops_dense"], 1)
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        models = {k: copy.deepcopy(m).cpu().float().eval() for k, m in (("dense", dense), ("pruned", pruned))}
+        lat = {}
+        for b in batch_sizes:
+            x = one.expand(int(b), *one.shape[1:]).contiguous()
+            lat[int(b)] = {k: _latency_ms(m, x, reps, min_time) for k, m in models.items()}
+    finally:
+        torch.set_num_threads(old_threads)
+    rep["latency_ms"] = lat
+    rep["latency_ratio"] = {b: v["pruned"] / v["dense"] for b, v in lat.items()}
+    rep["threads"] = threads or old_threads
+    lat_txt = ", ".join(f"batch {b}: {v['dense']:.2f} -> {v['pruned']:.2f} ms "
+                        f"({100 * rep['latency_ratio'][b]:.0f}%)" for b, v in lat.items())
+    rep["text"] = (f"params {rep['params_dense']:,} -> {rep['params_pruned']:,} "
+                   f"({100 * rep['params_kept']:.1f}% kept); MACs {rep['flops_dense']:,} -> "
+                   f"{rep['flops_pruned']:,} ({100 * rep['flops_kept']:.1f}% kept); CPU latency {lat_txt}")
+    return rep
