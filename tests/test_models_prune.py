@@ -28,15 +28,15 @@ def randomise_bn(model, seed):
 
 
 def prunable_bns(model):
-    """The BNs whose masks the pruner honours (ResNet: block-inner bn1 only)."""
+    """The BNs whose channels a ticket decides alone (ResNet: block-inner bn1; the
+    residual stream's BNs are coupled and decided together)."""
     if isinstance(model, ResNet):
         return [b.bn1 for b in model.blocks()]
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
 def random_ticket(model, seed):
-    """Random keep masks on EVERY BN (outer ResNet BNs included, to check they are
-    ignored); one prunable BN loses all channels, one keeps all."""
+    """Random keep masks on EVERY BN; one uncoupled BN loses all channels, one keeps all."""
     g = torch.Generator().manual_seed(seed)
     ticket = {m.weight: torch.rand(m.num_features, generator=g) < 0.5
               for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
@@ -61,6 +61,17 @@ def zeroed_copy(model, ticket):
         with torch.no_grad():
             bn_r.weight[~keep] = 0
             bn_r.bias[~keep] = 0
+    return ref
+
+
+def zeroed_realised(model, plan):
+    """The original with every channel the pruner removed zeroed (gamma and beta)."""
+    ref = copy.deepcopy(model)
+    mods = dict(ref.named_modules())
+    with torch.no_grad():
+        for name, keep in plan.realised.items():
+            mods[name].weight[~keep] = 0
+            mods[name].bias[~keep] = 0
     return ref
 
 
@@ -103,8 +114,10 @@ def test_width_rounds_to_at_least_one_channel():
 
 
 def test_build_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="unknown model 'alexnet'"):
-        build("alexnet")
+    with pytest.raises(ValueError, match="unknown model 'no_such_net'"):
+        build("no_such_net")
+    with pytest.raises(ValueError, match="width"):
+        build("mobilenet_v3_small", width=0.5)
     with pytest.raises(ValueError, match="width"):
         build("cnn", width=0)
     with pytest.raises(ValueError, match="in_channels"):
@@ -121,26 +134,35 @@ def test_prune_is_exactly_the_zeroed_model(name, in_ch, width):
     model = randomise_bn(build(name, in_ch, 10, width), seed=1).double().eval()
     ticket = random_ticket(model, seed=2)
     before = snapshot(model)
-    small = prune_channels(model, ticket)
+    small, plan = prune_channels(model, ticket, return_plan=True)
 
-    # Channels really went, as the masks say (0 kept -> 1 kept).
+    # Channels really went, as the masks say (0 kept -> 1 kept) where a BN decides alone.
     for bn_o, bn_s in zip(prunable_bns(model), prunable_bns(small)):
         assert bn_s.num_features == int(effective_keep(bn_o, ticket[bn_o.weight]).sum())
     kept = [b.num_features for b in prunable_bns(small)]
     assert kept[0] == 1 and kept[-1] == prunable_bns(model)[-1].num_features
-    if isinstance(model, ResNet):   # block outputs keep full width
-        for b_o, b_s in zip(model.blocks(), small.blocks()):
-            assert b_s.bn2.num_features == b_o.bn2.num_features
+    names = {m: n for n, m in model.named_modules()}
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):   # coupled rule "any": only ever adds channels
+            real, tick = plan.realised[names[bn]], effective_keep(bn, ticket[bn.weight])
+            assert not (tick & ~real).any()
+    if isinstance(model, ResNet):   # the residual stream is pruned where all its BNs agree
+        assert plan.coupled_groups > 0 and plan.added > 0 and plan.removed == 0
+        assert small.layer1[0].bn2.num_features < model.layer1[0].bn2.num_features
+    else:                           # plain chains: the ticket exactly (empty BN -> 1 channel)
+        assert plan.removed == 0 and plan.added == 1 and plan.coupled_groups == 0
     assert count_params(small) < count_params(model)
     assert count_flops(small) < count_flops(model)
 
     x = torch.randn(4, in_ch, 32, 32, dtype=torch.float64)
     with torch.no_grad():
-        want = zeroed_copy(model, ticket)(x)
+        want = zeroed_realised(model, plan)(x)
         got = small(x)
         full = model(x)
     assert not torch.allclose(full, want, rtol=1e-3, atol=1e-3)   # pruning mattered
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    if not isinstance(model, ResNet):
+        torch.testing.assert_close(got, zeroed_copy(model, ticket)(x), rtol=1e-10, atol=1e-10)
 
     # The original is untouched.
     after = snapshot(model)
@@ -266,16 +288,20 @@ def test_device_is_kept():
 
 
 # ------------------------------------------------------------------ bad input
-def test_unknown_architecture_is_named():
+def test_untraceable_inputs_are_named():
     seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    with pytest.raises(TypeError, match="Sequential"):
-        prune_channels(seq, {seq[1].weight: torch.ones(4, dtype=torch.bool)})
+    with pytest.raises(RuntimeError, match="Sequential.*example_inputs"):
+        prune_channels(seq, {seq[1].weight: torch.ones(4, dtype=torch.bool)}, torch.randn(1, 5, 8, 8))
+    with pytest.raises(ValueError, match="coupled"):
+        prune_channels(seq, {}, coupled="all")
+    with pytest.raises(ValueError, match="max_pruning_ratio"):
+        prune_channels(seq, {}, max_pruning_ratio=1.0)
 
 
 def test_bad_tickets_are_rejected():
     model, other = build("cnn", 1), build("cnn", 1)
     bn = model.features[1]
-    with pytest.raises(ValueError, match="not the weight or bias of a BatchNorm2d"):
+    with pytest.raises(ValueError, match="not the weight or bias of a BatchNorm in"):
         prune_channels(model, {other.features[1].weight: torch.ones(16, dtype=torch.bool)})
     with pytest.raises(ValueError, match="not the weight or bias"):
         prune_channels(model, {model.features[0].weight: torch.ones(16, dtype=torch.bool)})

@@ -124,9 +124,14 @@ class PlainCNN(nn.Module):
                 layers += [nn.Conv2d(c, v, 3, 1, 1, bias=False), nn.BatchNorm2d(v),
                            nn.ReLU(inplace=True)]
                 c = v
-        self.cfg = tuple(cfg)
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c, num_classes)
+
+    @property
+    def cfg(self) -> tuple:
+        """Channel counts and "M"s as the layers are now (pruning shrinks them)."""
+        return tuple("M" if isinstance(m, nn.MaxPool2d) else m.out_channels
+                     for m in self.features if isinstance(m, (nn.MaxPool2d, nn.Conv2d)))
 
     def forward(self, x):
         out = self.features(x)

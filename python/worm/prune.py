@@ -20,7 +20,8 @@ Rules
   groups (not depthwise), each of the ``G`` slices loses the same positions (what
   Torch-Pruning's own pruners do, so the conv stays valid): a position stays if the
   rule above keeps it in at least half of the slices (so here even ``"any"`` may
-  remove a channel the ticket keeps; the plan counts it).
+  remove a channel the ticket keeps; the plan counts it). A group that feeds only
+  part of a grouped conv's channels (a concatenation into it) is left whole.
 * **Floor.** ``max_pruning_ratio`` (default None: off, faithful to EB): no group
   loses more than that share of its channels; the channels with the largest summed
   ``|gamma|`` are put back first.
@@ -179,9 +180,10 @@ def _default_example(model: nn.Module) -> torch.Tensor:
                        dtype=p.dtype if p is not None else torch.float32)
 
 
-def _channel_groups(DG, group) -> int:
-    """How many channel slices a grouped conv in this group forces (1: none)."""
-    g = 1
+def _channel_groups(DG, group, n: int):
+    """(channel slices a grouped conv in this group forces (1: none), whether such a
+    conv sees only part of its channels through this group (a concat into it))."""
+    g, partial = 1, False
     for item in group:
         m, fn = item.dep.target.module, item.dep.handler
         if isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels:
@@ -189,11 +191,13 @@ def _channel_groups(DG, group) -> int:
         pruner = DG.get_pruner_of_module(m)
         if pruner is None:
             continue
-        if DG.is_out_channel_pruning_fn(fn):
-            g = max(g, int(pruner.get_out_channel_groups(m) or 1))
-        else:
-            g = max(g, int(pruner.get_in_channel_groups(m) or 1))
-    return g
+        out = DG.is_out_channel_pruning_fn(fn)
+        k = int((pruner.get_out_channel_groups(m) if out else pruner.get_in_channel_groups(m)) or 1)
+        if k > 1:
+            g = max(g, k)
+            width = m.out_channels if out else m.in_channels
+            partial = partial or width != n
+    return g, partial
 
 
 def _decide(votes: torch.Tensor, score: torch.Tensor, counts: torch.Tensor, coupled: str,
@@ -242,9 +246,14 @@ def prune_channels(model: nn.Module, ticket: Mapping, example_inputs=None, *,
     if example_inputs is None:
         example_inputs = _default_example(new)
     modes = [(m, m.training) for m in new.modules()]
+    flags = {n: p.requires_grad for n, p in new.named_parameters()}
     new.eval()  # tracing must not move BN statistics
     try:
-        DG = tp.DependencyGraph().build_dependency(new, example_inputs=example_inputs)
+        # DepGraph follows autograd: a frozen layer would be invisible to it
+        for p in new.parameters():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            DG = tp.DependencyGraph().build_dependency(new, example_inputs=example_inputs)
     except Exception as e:
         raise RuntimeError(f"prune_channels could not trace {type(model).__name__} on the example "
                            f"inputs ({type(e).__name__}: {e}); pass example_inputs that "
@@ -284,8 +293,11 @@ def prune_channels(model: nn.Module, ticket: Mapping, example_inputs=None, *,
             continue
         plan.groups += 1
         plan.coupled_groups += members > 1
-        # channels no ticket BN covers (a concat's other inputs) are not this group's to cut
-        keep = _decide(votes, score, counts, coupled, _channel_groups(DG, group), ratio) | (counts == 0)
+        ch_groups, partial = _channel_groups(DG, group, n)
+        if partial:  # its slices span other groups' channels too: no valid cut to make alone
+            keep = torch.ones(n, dtype=torch.bool)
+        else:        # channels no ticket BN covers (a concat's other inputs) are not ours to cut
+            keep = _decide(votes, score, counts, coupled, ch_groups, ratio) | (counts == 0)
         for name, idx, root_idx in seen:
             realised[name][idx] = keep[root_idx]
         drop = (~keep).nonzero().flatten().tolist()
@@ -295,6 +307,8 @@ def prune_channels(model: nn.Module, ticket: Mapping, example_inputs=None, *,
         g = DG.get_pruning_group(root, root_fn, idxs=drop)
         g.prune()
     del DG
+    for n, p in new.named_parameters():  # the pruner makes new Parameters
+        p.requires_grad_(flags.get(n, True))
     plan.realised = realised
     return (new, plan) if return_plan else new
 
