@@ -81,6 +81,12 @@ def test_compare_end_to_end(tmp_path, capsys):
     assert table.strip() in printed
     assert "| EB Train |" in printed and "| WORM |" in printed
     assert [r["mode"] for r in rec["runs"]] == ["eb", "worm"]
+    # EB's slimming recipe by default, no floor; both recorded, with what pruning did
+    assert rec["config"]["l1"] == 1e-4 and rec["config"]["max_pruning_ratio"] is None
+    for r in rec["runs"]:
+        assert r["l1"] == 1e-4 and 0 <= r["ticket_departure"] < 1
+        assert r["latency_ratio_b1"] > 0 and r["latency_ratio_b32"] > 0
+        assert 0 < r["flops_after"] < r["flops_before"]
     assert elapsed < 60, f"the tiny compare took {elapsed:.1f}s"
 
 
@@ -114,6 +120,20 @@ def test_unknown_subcommand_and_dataset_are_rejected(tmp_path):
         cli.main(["compare", "--dataset", "no-such-data", "--quiet", "--out", str(tmp_path / "y")])
 
 
+def test_l1_and_floor_flags(capsys):
+    a = cli._parser().parse_args(["compare", "--l1", "0", "--floor", "0.7", "--model", "mobilenet_v3_small"])
+    cfg = cli._cnn_config(a)
+    assert (cfg.l1, cfg.max_pruning_ratio, cfg.model, cfg.width) == (0.0, 0.7, "mobilenet_v3_small", 1.0)
+    for bad in (["--l1", "-1"], ["--l1", "nan"], ["--floor", "1"], ["--floor", "-0.1"]):
+        with pytest.raises(SystemExit) as e:
+            cli._parser().parse_args(["compare", *bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "usage:" in err and bad[0] in err and "Traceback" not in err
+    with pytest.raises(SystemExit, match="CNN runs"):
+        cli.main(["compare", "--task", "minilm-rt", "--l1", "1e-4", "--quiet"])
+
+
 def test_defaults_match_the_paper():
     """The CLI's search defaults are the paper's CNN settings."""
     a = cli._parser().parse_args(["compare"])
@@ -123,6 +143,7 @@ def test_defaults_match_the_paper():
     # the demo defaults: digits, the tiny CNN at width 2, batch 32
     assert (cfg.dataset, cfg.model, cfg.width, cfg.batch_size) == ("digits", "cnn", 2.0, 32)
     assert (cfg.max_epochs, cfg.retrain_epochs, cfg.seeds) == (30, 3, (0, 1, 2))
+    assert (cfg.l1, cfg.max_pruning_ratio) == (1e-4, None)   # EB's slimming; floor off
     # the width default is the tiny CNN's only: ResNet-18 stays at full width
     assert cli._cnn_config(cli._parser().parse_args(["compare", "--model", "resnet18"])).width == 1.0
     assert cli._cnn_config(cli._parser().parse_args(["compare", "--width", "0.5"])).width == 0.5

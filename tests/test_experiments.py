@@ -181,3 +181,35 @@ def test_distance_plot_reads_text_records(tmp_path):
     from worm.experiments import plot_distances
     plot_distances(result, tmp_path / "d.png")
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_distance_plot_marks_truncation_and_ticket_and_names_one_point_runs(tmp_path, monkeypatch):
+    from worm import experiments as ex
+    full = {"seed": 0, "method": "WORM", "d_max": [None] * 4 + [0.3, 0.14, 0.05],
+            "d_avg": [None] * 4 + [0.2, 0.1, 0.03], "truncation_epoch": 6, "found": True}
+    short = {"seed": 1, "method": "EB Train", "d_max": [None] * 4 + [0.06],
+             "d_avg": [None] * 4 + [0.04], "truncation_epoch": None, "found": True}
+    hist_short = {"seed": 2, "method": "worm", "history": [
+        {"index": 1, "d_max": None, "truncating": False, "found": False},
+        {"index": 2, "d_max": 0.004, "truncating": False, "found": True}]}
+    assert ex._events(full) == (6, 7, 7)
+    assert ex._events(short) == (None, 5, 5)
+    assert ex._events(hist_short) == (None, 2, 2)
+    assert ex.window_note(full) is None
+    assert "window filled at step 5 and the ticket was found there (d_max 0.060)" in ex.window_note(short)
+    assert "step 2" in ex.window_note(hist_short)
+
+    drawn = []
+    import matplotlib.axes
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: drawn.append((a, k)) or real_plot(self, *a, **k))
+    result = {"config": {"window": 5, "stop": 0.1, "delta": 0.05}, "runs": [full, short]}
+    ex.plot_distances(result, tmp_path / "d.png")
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markers = [a[2] for a, _ in drawn if len(a) == 3]
+    assert markers.count("^") == 2 and markers.count("*") == 2      # both panels, the full run only
+    assert [a[0] for a, _ in drawn if len(a) == 3 and a[2] == "^"] == [[6], [6]]
+    assert [a[0] for a, _ in drawn if len(a) == 3 and a[2] == "*"] == [[7], [7]]
+    lines = [a for a, _ in drawn if len(a) == 3 and a[2] == "-o"]
+    assert [ln[0] for ln in lines] == [[5, 6, 7], [5, 6, 7]]         # the one-point run is not drawn

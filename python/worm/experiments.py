@@ -323,6 +323,18 @@ def _events(run: dict):
     return run.get("truncation_epoch"), n if run.get("found") else None, n
 
 
+def window_note(run: dict) -> Optional[str]:
+    """A sentence for a run whose window filled at the very step its ticket was found
+    (one distance, nothing to draw); None for any other run."""
+    on, found, _ = _events(run)
+    d_max = run["d_max"] if "d_max" in run else [h.get("d_max") for h in run.get("history", [])]
+    if found is None or sum(v is not None for v in d_max) > 1:
+        return None
+    d = d_max[found - 1] if found - 1 < len(d_max) else None
+    return (f"{run['method']} seed {run['seed']}: the window filled at step {found} and the ticket "
+            f"was found there" + (f" (d_max {d:.3f})" if d is not None else "") + "; not drawn")
+
+
 def plot_distances(result: dict, path) -> None:
     """d_max and d_avg per sampling step, each method (the paper's Figure 1).
 
@@ -345,10 +357,9 @@ def plot_distances(result: dict, path) -> None:
                   for k in ("d_max", "d_avg")}
         xs = [i + 1 for i, v in enumerate(series["d_max"]) if v is not None]
         on, found, n = _events(r)
-        if found is not None and len(xs) <= 1:
-            d = series["d_max"][found - 1] if found - 1 < len(series["d_max"]) else None
-            notes.append(f"{r['method']} seed {r['seed']}: window filled at step {found} and the "
-                         f"ticket was found there" + (f" (d_max {d:.3f})" if d is not None else ""))
+        note = window_note(r)
+        if note:
+            notes.append(note)
             continue
         for ax, key in zip(axes, ("d_max", "d_avg")):
             ys = {i + 1: v for i, v in enumerate(series[key]) if v is not None}
