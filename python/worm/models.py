@@ -1,9 +1,9 @@
 """CNNs for 32x32 images: CIFAR-style ResNet-18, VGG-11-BN and a tiny CNN for CPU runs.
 
 Every conv is followed by a BatchNorm (the representative set of the Early-Bird
-search is the BN gammas) and has no bias (the BN's beta plays that role). The
-classes take explicit channel counts, not just a width multiplier, so that
-:func:`worm.prune.prune_channels` can rebuild them with fewer channels.
+search is the BN gammas) and has no bias (the BN's beta plays that role).
+:func:`build` also gives torchvision's classification models by name, with random
+weights. :func:`worm.prune.prune_channels` prunes any of them (no per-model code).
 
 Heads
 -----
