@@ -195,6 +195,23 @@ def test_grey_inputs_and_torchvision_names_through_build():
     assert small(torch.randn(2, 1, 32, 32)).shape == (2, 7)
 
 
+def test_a_ticket_that_would_cut_the_output_is_refused():
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4))
+    keep = torch.tensor([True, False, True, True])
+    with pytest.raises(ValueError, match="output"):
+        prune_channels(net, {net[4].weight: keep}, torch.randn(1, 3, 8, 8))
+    small = prune_channels(net, {net[1].weight: torch.arange(6) < 3}, torch.randn(1, 3, 8, 8))
+    assert small[0].out_channels == 3 and small[3].in_channels == 3
+
+
+def test_frozen_layers_are_pruned_and_stay_frozen():
+    model = _random_bn(UserNet(), seed=6).eval()
+    model.a[0][0].weight.requires_grad_(False)
+    small = prune_channels(model, _global_ticket(model), torch.randn(1, 3, 32, 32))
+    assert small.a[0][0].out_channels < model.a[0][0].out_channels
+    assert not small.a[0][0].weight.requires_grad and small.a[0][1].weight.requires_grad
+
+
 def test_prune_report_measures_both_models():
     model = UserNet().eval()
     small = prune_channels(model, _global_ticket(_random_bn(model, 5)), torch.randn(1, 3, 32, 32))

@@ -180,6 +180,19 @@ def _default_example(model: nn.Module) -> torch.Tensor:
                        dtype=p.dtype if p is not None else torch.float32)
 
 
+def _out_shapes(model: nn.Module, example_inputs) -> list:
+    from torch.utils._pytree import tree_flatten
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
+    finally:
+        for m, t in modes:
+            m.training = t
+    return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
 def _channel_groups(DG, group, n: int):
     """(channel slices a grouped conv in this group forces (1: none), whether such a
     conv sees only part of its channels through this group (a concat into it))."""
@@ -309,6 +322,12 @@ def prune_channels(model: nn.Module, ticket: Mapping, example_inputs=None, *,
     del DG
     for n, p in new.named_parameters():  # the pruner makes new Parameters
         p.requires_grad_(flags.get(n, True))
+    if todo:
+        before, after = _out_shapes(model, example_inputs), _out_shapes(new, example_inputs)
+        if before != after:
+            raise ValueError(f"the ticket removes channels of {type(model).__name__}'s output "
+                             f"(output shapes {before} -> {after}); leave the BatchNorms that make "
+                             "the output out of the ticket")
     plan.realised = realised
     return (new, plan) if return_plan else new
 
