@@ -327,7 +327,7 @@ void sgd_step_cuda(at::TensorList params_, at::TensorList grads_, at::TensorList
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(worm, CUDA, m) {
+TORCH_LIBRARY_IMPL(worm_native, CUDA, m) {
   m.impl("select_thresholds", &select_thresholds_cuda);
   m.impl("mask_update_", &mask_update_cuda);
   m.impl("truncate_", &truncate_cuda);
