@@ -16,7 +16,7 @@ python3 -c "import worm._ops as o; print(o.backend_info('cuda'))"
 if [ "$WHAT" != bench ]; then
   for be in triton cuda; do
     WORM_BACKEND=$be timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -m "" \
-      ${TESTS:-tests/test_triton_ops.py tests/test_native_ops.py tests/test_backend_search.py tests/test_optim.py tests/test_search.py} \
+      ${TESTS:-tests/test_ops.py tests/test_backend_search.py tests/test_optim.py tests/test_search.py} \
       >"$OUT/tests_$be.log" 2>&1
     echo "== WORM_BACKEND=$be rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_$be.log" | head -40
   done
