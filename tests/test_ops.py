@@ -190,9 +190,8 @@ def test_select_thresholds_counts_nonfinite(impl, dtype):
     for scope in ("global", "layer"):
         thr, nonfinite = ops.select_thresholds(ts, _ks(ts, 0.5, scope), scope)
         assert_same(nonfinite, want, scope)
-        # The threshold of a segment holding NaN/Inf is NaN (the caller raises on the counts).
-        bad = slice(None) if scope == "global" else [2, 5]
-        assert torch.isnan(thr.cpu()[bad]).all(), (scope, thr)
+        # NaN/Inf anywhere in the set: every threshold is NaN (the caller raises on the counts).
+        assert torch.isnan(thr.cpu()).all(), (scope, thr)
 
 
 @pytest.mark.skipif("triton" not in IMPLS, reason="Triton is not available here")
@@ -279,7 +278,7 @@ def test_radix_marks_nonfinite_segments():
     ts[4][0] = float("nan")
     thr, nf = radix.select_thresholds(ts, [1] * len(ts), "layer")
     assert int(nf[4]) == 1 and int(nf.sum()) == 1
-    assert torch.isnan(thr[4]) and not torch.isnan(thr[3])
+    assert torch.isnan(thr).all()  # NaN anywhere: NaN everywhere, as every kernel does
 
 
 # ----------------------------------------------------------------- mask update
@@ -544,6 +543,14 @@ def test_sgd_step_r1_is_torch_sgd(impl):
             assert torch.equal(x, q.detach())
 
 
+def _n_compiled(fn):
+    """Compiled variants of a @triton.jit function (triton < 3 keeps `cache`, later
+    versions `device_caches[device][0]`)."""
+    if hasattr(fn, "cache"):
+        return sum(len(v) for v in fn.cache.values())
+    return sum(len(v[0]) for v in fn.device_caches.values())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or "triton" not in IMPLS,
                     reason="compiled Triton kernels need CUDA")
@@ -556,17 +563,17 @@ def test_triton_no_recompile_on_lr_r_head(monkeypatch):
     kw = dict(weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False)
     bufs = ops.sgd_step_(ps, gs, [None], bits, r=0.1, lr=0.1, **kw)
     bufs = ops.sgd_step_(ps, gs, bufs, bits, r=0.1, lr=0.1, **kw)
-    n0 = sum(len(v) for v in S._sgd_kernel.cache.values())
+    n0 = _n_compiled(S._sgd_kernel)
     for lr, r in [(0.2, 0.3), (1e-3, 3e-3), (1.0, 0.0)]:
         bufs = ops.sgd_step_(ps, gs, bufs, bits, r=r, lr=lr, **kw)
-    assert sum(len(v) for v in S._sgd_kernel.cache.values()) == n0
+    assert _n_compiled(S._sgd_kernel) == n0
     thr = torch.zeros(1, device="cuda")
     win = torch.zeros(5, 13, dtype=torch.uint8, device="cuda")
     ops.mask_update_(ps, thr, win, 0)
-    m0 = sum(len(v) for v in M._mask_update_kernel.cache.values())
+    m0 = _n_compiled(M._mask_update_kernel)
     for h in range(1, 5):
         ops.mask_update_(ps, thr, win, h)
-    assert sum(len(v) for v in M._mask_update_kernel.cache.values()) == m0
+    assert _n_compiled(M._mask_update_kernel) == m0
 
 
 # ------------------------------------------------------------------- layouts

@@ -17,6 +17,11 @@ from ._backends import BACKENDS  # noqa: F401 - re-exported
 __all__ = ["BACKENDS", "resolve", "backend", "backend_info"]
 
 
+def _load(name: str):
+    """The raw implementation ``name`` (checked arguments only; see worm._backends) or None."""
+    return _backends.load(name)
+
+
 def _usable(name: str, device: torch.device):
     """None if ``name`` can run on ``device``, else the reason it cannot."""
     return _backends.unusable(name, torch.device(device))

@@ -265,7 +265,7 @@ def select_thresholds(tensors: Sequence[torch.Tensor], ks: Sequence[int],
 
     ``scope="global"``: ``ks == [k]`` for the whole set, the threshold repeated once
     per tensor; ``"layer"``: one k per tensor. Returns ``(thr, nonfinite)``: ``thr``
-    fp32 [T] (``-inf`` where k == 0; undefined for a set holding NaN/Inf) and
+    fp32 [T] (``-inf`` where k == 0; NaN everywhere if the set holds any NaN/Inf) and
     ``nonfinite`` int64 [T], the NaN/Inf entries of each tensor, which the caller
     checks (it is the op's only way to report them without a host sync).
     The passes behind it can be driven one at a time: :mod:`worm.radix`.

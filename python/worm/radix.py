@@ -87,14 +87,13 @@ def descend(state: State, hist: torch.Tensor, p: int) -> State:
 
 
 def finish(state: State, segment_of: Sequence[int], nonfinite=None) -> torch.Tensor:
-    """fp32 [T]: each tensor's threshold (-inf where k == 0, NaN if its segment holds a
-    non-finite entry, when ``nonfinite`` (int64 [T]) is given)."""
+    """fp32 [T]: each tensor's threshold (-inf where k == 0; NaN everywhere when
+    ``nonfinite`` (int64 [T], summed over ranks when sharded) counts any NaN/Inf)."""
     seg = torch.as_tensor(list(segment_of), dtype=torch.int64, device=state.k.device)
     thr = state.prefix.to(torch.int32).view(torch.float32)
     thr = torch.where(state.k == 0, float("-inf"), thr)
     if nonfinite is not None:
-        bad = torch.zeros_like(state.k).index_add_(0, seg, nonfinite.to(seg.device)) > 0
-        thr = torch.where(bad, float("nan"), thr)
+        thr = torch.where(nonfinite.sum() > 0, float("nan"), thr)
     return thr[seg]
 
 
