@@ -162,7 +162,8 @@ def torchvision_model(name: str, in_channels: int = 3, num_classes: int = 10) ->
     try:
         import torchvision
     except ImportError as e:
-        raise ValueError(f"model {name!r} is not built in and torchvision is not installed") from e
+        raise ValueError(f"unknown model {name!r}: not built in ({', '.join(MODELS)}), and "
+                         "torchvision is not installed (pip install 'worm[cnn]')") from e
     names = set(torchvision.models.list_models(module=torchvision.models))
     if name not in names:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} or a "

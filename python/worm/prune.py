@@ -244,7 +244,7 @@ def prune_channels(model: nn.Module, ticket: Mapping, example_inputs=None, *,
     try:
         import torch_pruning as tp
     except ImportError as e:  # pragma: no cover - a declared dependency
-        raise ImportError("prune_channels needs Torch-Pruning: pip install torch-pruning") from e
+        raise ImportError("prune_channels needs Torch-Pruning: pip install 'worm[cnn]' (or torch-pruning)") from e
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(ticket, Mapping):
