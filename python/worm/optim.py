@@ -189,7 +189,11 @@ class _TruncationState:
         o.claimed |= {id(p) for p in params}
 
     def set(self, key, bits: Optional[dict], r: Optional[float]) -> None:
-        o = self._owners[key]
+        o = self._owners.get(key)
+        if o is None:
+            if bits is None:
+                return
+            raise RuntimeError("this truncation handle was removed; make a new one")
         if bits is None:
             o.bits, o.r = {}, None
         else:

@@ -12,6 +12,7 @@ on whatever backend runs for the parameters' device (see :mod:`worm._ops`).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -22,11 +23,28 @@ from torch import nn
 from . import _ops
 from . import reference as _ref
 from .layers import select
-from .optim import GradTruncation, WormSGD
+from .optim import GradTruncation, _check_r
 
 __all__ = ["EarlyBird", "Record"]
 
 MODES = ("worm", "eb", "truncate")
+# Rows per mask_update_ call: the Triton kernel counts at most 64 rows at once.
+_ROWS_PER_CALL = 64
+
+
+def _finite(name: str, v, lo: float, lo_ok: bool) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v) or v < lo or (v == lo and not lo_ok):
+        raise ValueError(f"{name} must be a finite number {'>=' if lo_ok else '>'} {lo}, got {v!r}")
+    return v
+
+
+def _positive_int(name: str, v, least: int, why: str):
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        raise ValueError(f"{name} must be an integer >= {least} ({why}), got {v!r}")
+    return v
 
 
 @dataclass
@@ -63,25 +81,31 @@ class EarlyBird:
                  mode: str = "worm", layers="bn", prune_ratio: float = 0.5, window: int = 5,
                  stop: float = 0.1, delta: float = 0.05, r: float = 3e-3, scope: str = "global",
                  every: Optional[int] = None):
+        # Every argument is checked here, before anything is built or hooked.
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-        if int(window) != window or window < 2:
-            raise ValueError(f"window must be an integer >= 2 (distances need an older mask), got {window!r}")
-        if not (stop > 0):
-            raise ValueError(f"stop (s) must be > 0, got {stop!r}")
-        if delta < 0:
-            raise ValueError(f"delta must be >= 0, got {delta!r}")
-        if every is not None and (int(every) != every or every < 1):
-            raise ValueError(f"every must be a positive number of optimizer steps or None, got {every!r}")
+        window = _positive_int("window", window, 2, "distances need an older mask")
+        stop = _finite("stop (s)", stop, 0.0, lo_ok=False)
+        delta = _finite("delta", delta, 0.0, lo_ok=True)
+        if every is not None:
+            every = _positive_int("every", every, 1, "optimizer steps between samples; None: call step()")
+        if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)):
+            raise TypeError(f"prune_ratio must be a number, got {type(prune_ratio).__name__}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         self.prune_ratio = _ref.check_ratio(prune_ratio)
-        self.mode, self.window, self.stop, self.delta = mode, int(window), float(stop), float(delta)
-        self.r = float(r)
+        self.mode, self.window, self.stop, self.delta = mode, window, stop, delta
+        self.r = _check_r(r)
         self.scope, self.every = scope, every
         self.model, self.optimizer = model, optimizer
 
         self.reps = select(model, layers)
+        _ref.check_tensors([rep.values() for rep in self.reps],
+                           "representative set (layers=" + (layers if isinstance(layers, str) else "...") + ")")
         self.params = [rep.param for rep in self.reps]
         numels = [rep.numel for rep in self.reps]
         self.numel = sum(numels)
@@ -104,12 +128,20 @@ class EarlyBird:
             if optimizer is None:
                 raise ValueError(f"mode={mode!r} truncates gradients and needs the optimizer")
             self._check_optimizer_holds_params(optimizer)
-            if not isinstance(optimizer, WormSGD):
-                self._truncation = GradTruncation(optimizer)
-                self._hooks.append(self._truncation)
+        if every is not None and optimizer is None:
+            raise ValueError("every= counts optimizer steps and needs the optimizer")
+        if mode != "eb":
+            # One owner per parameter: a second search on these params is refused here.
+            names = ", ".join(rep.name for rep in self.reps[:3]) + (", ..." if len(self.reps) > 3 else "")
+            self._truncation = GradTruncation(optimizer, owner=self,
+                                              name=f"an EarlyBird search (mode={mode!r}, tensors {names})")
+            try:
+                self._truncation.claim([p for rep in self.reps for p in [rep.param, *rep.covers]])
+            except ValueError:
+                self._truncation.remove()
+                raise
+            self._hooks.append(self._truncation)
         if every is not None:
-            if optimizer is None:
-                raise ValueError("every= counts optimizer steps and needs the optimizer")
             self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
     # ----------------------------------------------------------------- helpers
@@ -145,26 +177,39 @@ class EarlyBird:
         bits: dict = {}
         sliced = []
         for i, rep in enumerate(self.reps):
-            if rep.index is None and rep.param.is_contiguous():
+            if rep.index is None:  # segments are in logical (row-major) order, any layout
                 seg = self._segment(row, i).clone()
                 for p in [rep.param, *rep.covers]:
                     bits[p] = seg
             else:
-                sliced.append(rep.param)
+                sliced.append(rep)
         if sliced:  # packed Q/K/V weights: slices placed in a full mask (V stays kept)
             full = self._masks_of_row(row)
-            for p in sliced:
-                bits[p] = _ref.pack([full[p]])
+            for rep in sliced:
+                if rep.param not in bits:
+                    bits[rep.param] = _ref.pack([full[rep.param]])
         return bits
 
-    def _apply_truncation(self, on: bool) -> None:
-        if self.mode == "eb" or self.optimizer is None:
+    def _apply_truncation(self, on: bool, row: Optional[int] = None) -> None:
+        if self._truncation is None:  # mode "eb", or closed
             return
-        bits = self._truncation_bits(self._newest_row()) if on else None
-        if isinstance(self.optimizer, WormSGD):
-            self.optimizer.set_truncation_bits(bits, self.r)
-        else:
-            self._truncation.set_bits(bits, self.r)
+        bits = self._truncation_bits(self._newest_row() if row is None else row) if on else None
+        self._truncation.set_bits(bits, self.r)
+
+    def _mask_update(self, be, tensors, thr, head: int) -> torch.Tensor:
+        """mask_update_ over the whole window, in calls of at most _ROWS_PER_CALL rows."""
+        if self.window <= _ROWS_PER_CALL:
+            return be.mask_update_(tensors, thr, self._ring, head)
+        parts = []
+        for lo in range(0, self.window, _ROWS_PER_CALL):
+            rows = self._ring[lo:lo + _ROWS_PER_CALL]  # a contiguous block of rows
+            if lo <= head < lo + rows.shape[0]:
+                parts.append(be.mask_update_(tensors, thr, rows, head - lo))
+            else:  # counts only: the op writes its head row, put that row back
+                keep = rows[0].clone()
+                parts.append(be.mask_update_(tensors, thr, rows, 0))
+                rows[0].copy_(keep)
+        return torch.cat(parts)
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
@@ -182,24 +227,29 @@ class EarlyBird:
             raise ValueError(f"NaN or Inf in representative tensor(s) {names}: "
                              "a mask cannot be taken from non-finite weights")
         head = self._count % self.window
-        counts = be.mask_update_(tensors, thr, self._ring, head)
-        self._count += 1
-
-        d_max = d_avg = dists = None
-        if self._count >= self.window:
-            older = [(head + j) % self.window for j in range(1, self.window)]  # oldest first
-            c = counts.tolist()
-            dists = [c[j] / self.numel for j in older]
-            d_max, d_avg = max(dists), sum(dists) / len(dists)
-            if d_max < self.stop:
-                self.found = True
-            elif self.mode == "worm" and d_avg < self.stop + self.delta:
-                self.truncating = True
-        if self.mode == "truncate":
-            self.truncating = True
-        if self.found:
-            self.truncating = False
-        self._apply_truncation(self.truncating)
+        saved = self._ring[head].clone()  # a failed step leaves the window as it was
+        try:
+            counts = self._mask_update(be, tensors, thr, head)
+            count, found, truncating = self._count + 1, self.found, self.truncating
+            d_max = d_avg = dists = None
+            if count >= self.window:
+                older = [(head + j) % self.window for j in range(1, self.window)]  # oldest first
+                c = counts.tolist()
+                dists = [c[j] / self.numel for j in older]
+                d_max, d_avg = max(dists), sum(dists) / len(dists)
+                if d_max < self.stop:
+                    found = True
+                elif self.mode == "worm" and d_avg < self.stop + self.delta:
+                    truncating = True
+            if self.mode == "truncate":
+                truncating = True
+            if found:
+                truncating = False
+            self._apply_truncation(truncating, head)
+        except BaseException:
+            self._ring[head].copy_(saved)
+            raise
+        self._count, self.found, self.truncating = count, found, truncating
 
         rec = Record(index=self._count,
                      epoch=self._count if self.every is None else None,
@@ -232,14 +282,16 @@ class EarlyBird:
         if self.truncating:
             self._apply_truncation(False)
         for h in self._hooks:
-            h.remove()
+            h.remove()  # the truncation handle's remove() also frees the params for another search
         self._hooks = []
+        self._truncation = None
 
     # ------------------------------------------------------------- state dict
     def _config(self) -> dict:
         return {"mode": self.mode, "prune_ratio": self.prune_ratio, "window": self.window,
                 "stop": self.stop, "delta": self.delta, "r": self.r, "scope": self.scope,
-                "every": self.every, "numel": self.numel, "names": [rep.name for rep in self.reps]}
+                "every": self.every, "numel": self.numel, "names": [rep.name for rep in self.reps],
+                "shapes": [list(rep.shape) for rep in self.reps]}
 
     def state_dict(self) -> dict:
         return {"version": 1, "config": self._config(), "ring": self._ring.clone().cpu(),
@@ -249,17 +301,48 @@ class EarlyBird:
     def load_state_dict(self, sd: dict) -> None:
         mine = self._config()
         theirs = sd.get("config", {})
-        for key in ("mode", "prune_ratio", "window", "scope", "numel", "every"):
+        # Everything is checked and parsed before anything changes.
+        for key in ("mode", "prune_ratio", "window", "scope", "every"):
             if theirs.get(key) != mine[key]:
                 raise ValueError(f"cannot load search state: {key} is {theirs.get(key)!r} in the "
                                  f"state dict but {mine[key]!r} here")
+        shapes = theirs.get("shapes")  # absent in states saved before shapes were recorded
+        if shapes is not None and len(shapes) != len(self.reps):
+            raise ValueError(f"cannot load search state: it holds {len(shapes)} representative tensors, "
+                             f"this search {len(self.reps)} (state from another model?)")
+        for i, rep in enumerate(self.reps):
+            if shapes is not None and list(shapes[i]) != list(rep.shape):
+                theirs_name = (theirs.get("names") or [None] * len(shapes))[i]
+                raise ValueError(f"cannot load search state: representative tensor {i} ({rep.name}) has "
+                                 f"shape {tuple(rep.shape)} here but {tuple(shapes[i])} in the state dict"
+                                 f"{f' ({theirs_name})' if theirs_name and theirs_name != rep.name else ''}; "
+                                 "state from another model?")
+        if theirs.get("numel") != mine["numel"]:
+            raise ValueError(f"cannot load search state: numel is {theirs.get('numel')!r} in the "
+                             f"state dict but {mine['numel']!r} here")
         ring = sd["ring"]
         if ring.shape != self._ring.shape or ring.dtype != torch.uint8:
             raise ValueError(f"cannot load search state: window buffer {tuple(ring.shape)} "
                              f"{ring.dtype}, expected {tuple(self._ring.shape)} uint8")
-        self.stop, self.delta, self.r = theirs["stop"], theirs["delta"], theirs["r"]
+        stop = _finite("stop (s)", theirs["stop"], 0.0, lo_ok=False)
+        delta = _finite("delta", theirs["delta"], 0.0, lo_ok=True)
+        r = _check_r(theirs["r"])
+        history = [Record(**h) for h in sd["history"]]
+        count, opt_steps = int(sd["count"]), int(sd["opt_steps"])
+        found, truncating = bool(sd["found"]), bool(sd["truncating"])
+        old_ring, old_r = self._ring.clone(), self.r
         self._ring.copy_(ring)
-        self._count, self._opt_steps = int(sd["count"]), int(sd["opt_steps"])
-        self.found, self.truncating = bool(sd["found"]), bool(sd["truncating"])
-        self.history = [Record(**h) for h in sd["history"]]
-        self._apply_truncation(self.truncating and self._count > 0)
+        self.r = r
+        try:
+            if truncating and count > 0:
+                self._apply_truncation(True, (count - 1) % self.window)
+            else:
+                self._apply_truncation(False)
+        except BaseException:
+            self._ring.copy_(old_ring)
+            self.r = old_r
+            raise
+        self.stop, self.delta = stop, delta
+        self._count, self._opt_steps = count, opt_steps
+        self.found, self.truncating = found, truncating
+        self.history = history
