@@ -28,6 +28,8 @@ from .optim import GradTruncation, _check_r
 __all__ = ["EarlyBird", "Record"]
 
 MODES = ("worm", "eb", "truncate")
+# float64 is ranked by its fp32 score, the reference's |w| in fp32.
+_SCORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Rows per mask_update_ call: the Triton kernel counts at most 64 rows at once.
 _ROWS_PER_CALL = 64
 
@@ -104,8 +106,11 @@ class EarlyBird:
         self.model, self.optimizer = model, optimizer
 
         self.reps = select(model, layers)
-        _ref.check_tensors([rep.values() for rep in self.reps],
-                           "representative set (layers=" + (layers if isinstance(layers, str) else "...") + ")")
+        for rep in self.reps:
+            if rep.param.dtype not in _SCORED_DTYPES or rep.param.is_sparse:
+                raise TypeError(f"representative tensor {rep.name} is {rep.param.dtype}"
+                                f"{' sparse' if rep.param.is_sparse else ''}; masks rank dense "
+                                "fp32/bf16/fp16/fp64 tensors (pass other tensors in layers=)")
         self.params = [rep.param for rep in self.reps]
         numels = [rep.numel for rep in self.reps]
         self.numel = sum(numels)
@@ -219,6 +224,7 @@ class EarlyBird:
             return self.history[-1]
         t0 = time.perf_counter()
         tensors = [rep.contiguous_values() for rep in self.reps]
+        tensors = [t.float() if t.dtype == torch.float64 else t for t in tensors]
         be = _ops.resolve(self.device)
         thr, nonfinite = be.select_thresholds(tensors, self._ks, self.scope)
         bad = torch.nonzero(nonfinite).flatten().tolist()  # one sync: errors must name the tensor
