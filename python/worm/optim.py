@@ -34,9 +34,12 @@ computing ``(g.float() * scale).to(g.dtype)``); float64/complex gradients are sc
 in their own precision.
 
 ``p.grad`` after ``WormSGD.step()``: never truncated (no backend writes the truncated
-gradient back, saving a pass over memory); it holds what ``torch.optim.SGD`` with the
-same flags leaves there, i.e. the gradient backward produced (unscaled in place
-under ``GradScaler`` with ``fused=True``, as SGD's fused kernel does). With
+gradient back, saving a pass over memory). A truncated parameter's ``p.grad`` is the
+gradient backward produced (unscaled in place under ``GradScaler`` with ``fused=True``,
+as SGD's fused kernel does); an untruncated one's is what ``torch.optim.SGD`` leaves:
+untouched with the default flags on every backend and device, and changed only where
+torch's own explicitly requested path changes it (``foreach=True`` with nesterov adds
+the momentum into it; ``fused=True`` under GradScaler unscales it). With
 :class:`GradTruncation` the wrapped optimizer reads ``p.grad``, so there it is
 truncated in place before the step: afterwards it is what a gradient hook leaves.
 
@@ -371,10 +374,16 @@ class WormSGD(torch.optim.SGD):
         bufs = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        foreach = group["foreach"]
+        if foreach is None and not group["fused"]:
+            # Nothing asked for: the single-tensor path, whose rounding the kernels follow
+            # and which leaves p.grad alone (torch's foreach path adds the momentum into
+            # the grads under nesterov) -- the same on every device and backend.
+            foreach = False
         _torch_sgd(params, grads, bufs, weight_decay=group["weight_decay"], momentum=momentum,
                    lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
                    maximize=group["maximize"], has_sparse_grad=any(g.is_sparse for g in grads),
-                   foreach=group["foreach"], fused=group["fused"],
+                   foreach=foreach, fused=group["fused"],
                    grad_scale=grad_scale, found_inf=found_inf)
         if momentum != 0:
             for p, b in zip(params, bufs):
