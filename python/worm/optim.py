@@ -125,11 +125,11 @@ def truncated(grad: torch.Tensor, keep_bits: torch.Tensor, r: float) -> torch.Te
     ``keep_bits`` is the packed mask in the parameter's logical (row-major) order.
     """
     keep = _ref.unpack(keep_bits, [grad.shape])[0]
-    if grad.is_sparse:
-        g = grad.coalesce()
-        idx = g.indices()
-        vals = _scaled(g.values(), keep[tuple(idx)], r)
-        return torch.sparse_coo_tensor(idx, vals, g.shape, is_coalesced=True, check_invariants=False)
+    if grad.is_sparse:  # entry by entry, duplicates not summed first: as a hook sees them
+        idx = grad._indices()
+        vals = _scaled(grad._values(), keep[tuple(idx)], r)
+        return torch.sparse_coo_tensor(idx, vals, grad.shape, is_coalesced=grad.is_coalesced(),
+                                       check_invariants=False)
     return _scaled(grad, keep, r)
 
 
