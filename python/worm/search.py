@@ -23,6 +23,7 @@ from torch import nn
 from . import _ops
 from . import reference as _ref
 from .layers import select
+from .ops import MAX_WINDOW
 from .optim import GradTruncation, _check_r
 
 __all__ = ["EarlyBird", "Record"]
@@ -30,8 +31,8 @@ __all__ = ["EarlyBird", "Record"]
 MODES = ("worm", "eb", "truncate")
 # float64 is ranked by its fp32 score, the reference's |w| in fp32.
 _SCORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# Rows per mask_update_ call: the Triton kernel counts at most 64 rows at once.
-_ROWS_PER_CALL = 64
+# Rows per mask_update_ call: the op counts at most MAX_WINDOW rows at once (Triton).
+_ROWS_PER_CALL = MAX_WINDOW
 
 
 def _finite(name: str, v, lo: float, lo_ok: bool) -> float:
