@@ -25,7 +25,7 @@ from worm.optim import GradTruncation
 STEPS = 3
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
 LAYOUTS = ["contiguous", "transposed", "channels_last", "strided"]
-SETTINGS = dict(max_examples=int(os.environ.get("WORM_PROP_EXAMPLES", "40")), deadline=None,
+SETTINGS = dict(max_examples=int(os.environ.get("WORM_PROP_EXAMPLES", "80")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
