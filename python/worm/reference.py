@@ -1,6 +1,6 @@
 """The pure-PyTorch reference: the oracle every kernel (Triton, C++, CUDA) is held to.
 
-Semantics are those of ``shared/METHOD.md``; nothing here is tuned for speed.
+Semantics are those of docs/method.md and docs/ops.md; nothing here is tuned for speed.
 
 Conventions shared with every backend
 -------------------------------------

@@ -1,4 +1,4 @@
-"""The Early-Bird / WORM ticket search (METHOD.md, "The search").
+"""The Early-Bird / WORM ticket search (docs/method.md, "The search and its trigger").
 
 Three lines in a user's loop::
 
@@ -8,7 +8,7 @@ Three lines in a user's loop::
 
 Masks live bit-packed in a ring buffer of the last ``window`` masks (``window x N/8``
 bytes); each sampling step is one threshold selection and one fused mask-update pass
-on whatever backend runs for the parameters' device (see :mod:`worm._ops`).
+on whatever backend runs for the parameters' device (see :mod:`worm.ops`).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class EarlyBird:
             ``mode="eb"``.
         mode: ``"worm"``, ``"eb"`` (never truncate) or ``"truncate"`` (from the first step).
         layers: ``"bn"``, ``"qk"``, a callable ``model -> tensors`` or a list of tensors.
-        prune_ratio, window, stop, delta, r, scope: METHOD.md's p, l, s, delta, r, scope.
+        prune_ratio, window, stop, delta, r, scope: docs/method.md's p, l, s, delta, r, scope.
         every: sample automatically every ``every`` optimizer steps (a step post-hook);
             None: the caller calls :meth:`step` at each sampling point.
     """
@@ -169,7 +169,7 @@ class EarlyBird:
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self) -> Record:
-        """Sample a mask, push it into the window, and decide (METHOD.md steps 2-3)."""
+        """Sample a mask, push it into the window, and decide (docs/method.md, steps 1-3)."""
         if self.found:
             return self.history[-1]
         t0 = time.perf_counter()
