@@ -12,8 +12,11 @@ Four implementations compute the ops of :mod:`worm.ops` (the contract):
 Each implementation here takes *checked* arguments (``worm.ops`` checks them once for
 all) in the raw op signature: contiguous inputs, ``sgd_step_`` buffers allocated by
 the caller with ``fresh`` flags. ``WORM_BACKEND`` forces one implementation; unset,
-CUDA tensors get triton, then cuda, then the reference, and CPU tensors get cpp,
-then the reference.
+CPU tensors get cpp, then the reference; CUDA tensors get ``cuda+triton`` when both
+are there (the CUDA ops sample: select + mask update, 10-30x faster than the Triton
+select on an H100; Triton updates: truncation and the SGD step, 10-25% faster than the
+CUDA ones at 50M-1B entries; bench/results/), else triton, then cuda, then the
+reference.
 """
 from __future__ import annotations
 
@@ -173,7 +176,13 @@ def choose(device) -> Impl:
             raise RuntimeError(f"WORM_BACKEND={want} cannot run on {device}: {why}")
         impl = _loaded[want]
     else:
-        impl = next(_loaded[n] for n in _order(device) if unusable(n, device) is None)
+        ok = [n for n in _order(device) if unusable(n, device) is None]
+        if device.type == "cuda" and "triton" in ok and "cuda" in ok:
+            cu, tr = _loaded["cuda"], _loaded["triton"]
+            impl = Impl("cuda+triton", cu.select_thresholds, cu.mask_update_, tr.truncate_,
+                        tr.sgd_step_)
+        else:
+            impl = _loaded[ok[0]]
     _chosen[key] = impl
     return impl
 

@@ -40,7 +40,7 @@ def resolve(device=None) -> SimpleNamespace:
 _BY_NAME = {name: SimpleNamespace(name=name, select_thresholds=ops.select_thresholds,
                                   mask_update_=ops.mask_update_, truncate_=ops.truncate_,
                                   sgd_step_=ops.sgd_step_)
-            for name in BACKENDS}
+            for name in BACKENDS + ("cuda+triton",)}
 
 
 backend = ops.backend
