@@ -401,17 +401,17 @@ def _backends_here():
 def test_windows_longer_than_one_op_call_are_split(be, monkeypatch):
     # the op takes at most 64 rows per call (Triton); shrink that to 2 to test the split
     whole = _window_run(5, 9, be)
-    monkeypatch.setattr(worm.search, "_ROWS_PER_CALL", 2)
+    monkeypatch.setattr(worm.ops, "MAX_WINDOW", 2)
     split = _window_run(5, 9, be)
     assert [h.distances for h in split.history] == [h.distances for h in whole.history]
     assert whole.history[-1].distances is not None
-    assert torch.equal(split._ring, whole._ring)
+    assert torch.equal(split._window.ring, whole._window.ring)
 
 
 def test_window_over_64_on_every_backend():
     runs = {be: _window_run(65, 3, be) for be in _backends_here()}  # Triton refused > 64 before
     for s in runs.values():
-        assert torch.equal(s._ring, runs["reference"]._ring)
+        assert torch.equal(s._window.ring, runs["reference"]._window.ring)
 
 
 def test_non_contiguous_bn_weight_truncates_its_bias_too():
@@ -433,7 +433,7 @@ def test_search_state_from_other_shapes_is_refused_naming_the_tensor():
     sb = worm.EarlyBird(b, None, mode="eb")
     with pytest.raises(ValueError, match=r"representative tensor 0 \(0.weight\) has shape \(6,\)"):
         sb.load_state_dict(sa.state_dict())
-    assert sb._count == 0 and not sb.history
+    assert sb._window.count == 0 and not sb.history
 
 
 def test_optimizer_state_from_another_model_is_refused():

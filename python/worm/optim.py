@@ -1,6 +1,6 @@
 """WormSGD and gradient truncation for any optimizer.
 
-Truncation (METHOD.md): while on, every optimizer step first multiplies the gradient
+Truncation (docs/method.md): while on, every optimizer step first multiplies the gradient
 of each entry that the newest mask prunes by ``r``; weight decay and momentum then
 act as usual. It behaves exactly like a gradient hook.
 
@@ -477,7 +477,7 @@ class GradTruncation:
 
     The hook multiplies, in place and in one multi-tensor pass, the gradients of the
     pruned entries by ``r`` just before the optimizer's step: the gradient-hook
-    semantics of METHOD.md, with no per-parameter Python hooks. One hook per
+    semantics of docs/method.md, with no per-parameter Python hooks. One hook per
     optimizer serves every handle; each handle owns its own parameters (refused if
     another handle or search truncates one of them). On a :class:`WormSGD` the handle
     sets masks fused into its step instead. Under ``GradScaler`` the hook runs inside

@@ -1,4 +1,4 @@
-"""The Early-Bird / WORM ticket search (METHOD.md, "The search").
+"""The Early-Bird / WORM ticket search (docs/method.md, "The search and its trigger").
 
 Three lines in a user's loop::
 
@@ -6,9 +6,11 @@ Three lines in a user's loop::
     ...                              # train one epoch
     if search.step().found: break    # at each sampling point
 
-Masks live bit-packed in a ring buffer of the last ``window`` masks (``window x N/8``
-bytes); each sampling step is one threshold selection and one fused mask-update pass
-on whatever backend runs for the parameters' device (see :mod:`worm._ops`).
+:class:`EarlyBird` is a thin coordinator: the representative set comes from
+:mod:`worm.layers`, the masks live in a :class:`worm.window.MaskWindow` (bit-packed
+ring of the last ``window`` masks; one threshold selection and one fused mask-update
+op per sampling step), the decision is the pure rule of :mod:`worm.decision`, and the
+truncation bits go to the optimizer (:class:`worm.WormSGD`, or a step pre-hook).
 """
 from __future__ import annotations
 
@@ -20,19 +22,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _ops
 from . import reference as _ref
+from .decision import MODES, decide, summarize
 from .layers import select
-from .ops import MAX_WINDOW
 from .optim import GradTruncation, _check_r
+from .window import SCORED_DTYPES, MaskWindow
 
 __all__ = ["EarlyBird", "Record"]
-
-MODES = ("worm", "eb", "truncate")
-# float64 is ranked by its fp32 score, the reference's |w| in fp32.
-_SCORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# Rows per mask_update_ call: the op counts at most MAX_WINDOW rows at once (Triton).
-_ROWS_PER_CALL = MAX_WINDOW
 
 
 def _finite(name: str, v, lo: float, lo_ok: bool) -> float:
@@ -75,7 +71,7 @@ class EarlyBird:
             ``mode="eb"``.
         mode: ``"worm"``, ``"eb"`` (never truncate) or ``"truncate"`` (from the first step).
         layers: ``"bn"``, ``"qk"``, a callable ``model -> tensors`` or a list of tensors.
-        prune_ratio, window, stop, delta, r, scope: METHOD.md's p, l, s, delta, r, scope.
+        prune_ratio, window, stop, delta, r, scope: docs/method.md's p, l, s, delta, r, scope.
         every: sample automatically every ``every`` optimizer steps (a step post-hook);
             None: the caller calls :meth:`step` at each sampling point.
     """
@@ -84,11 +80,11 @@ class EarlyBird:
                  mode: str = "worm", layers="bn", prune_ratio: float = 0.5, window: int = 5,
                  stop: float = 0.1, delta: float = 0.05, r: float = 3e-3, scope: str = "global",
                  every: Optional[int] = None):
-        # Every argument is checked here, before anything is built or hooked.
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+        # Every argument is checked here, before anything is built or hooked.
         window = _positive_int("window", window, 2, "distances need an older mask")
         stop = _finite("stop (s)", stop, 0.0, lo_ok=False)
         delta = _finite("delta", delta, 0.0, lo_ok=True)
@@ -101,14 +97,14 @@ class EarlyBird:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         self.prune_ratio = _ref.check_ratio(prune_ratio)
-        self.mode, self.window, self.stop, self.delta = mode, window, stop, delta
+        self.mode, self.stop, self.delta = mode, stop, delta
         self.r = _check_r(r)
         self.scope, self.every = scope, every
         self.model, self.optimizer = model, optimizer
 
         self.reps = select(model, layers)
         for rep in self.reps:
-            if rep.param.dtype not in _SCORED_DTYPES or rep.param.is_sparse:
+            if rep.param.dtype not in SCORED_DTYPES or rep.param.is_sparse:
                 raise TypeError(f"representative tensor {rep.name} is {rep.param.dtype}"
                                 f"{' sparse' if rep.param.is_sparse else ''}; masks rank dense "
                                 "fp32/bf16/fp16/fp64 tensors (pass other tensors in layers=)")
@@ -119,10 +115,9 @@ class EarlyBird:
             self._ks = [_ref.num_pruned(self.numel, self.prune_ratio)]
         else:
             self._ks = [_ref.num_pruned(n, self.prune_ratio) for n in numels]
-        self._offsets = _ref.byte_offsets(numels)
         self.device = self.reps[0].param.device
-        self._ring = torch.zeros(self.window, self._offsets[-1], dtype=torch.uint8, device=self.device)
-        self._count = 0          # masks pushed so far
+        self._window = MaskWindow(self.reps, window, self.device)
+        self.window = self._window.length
         self._opt_steps = 0
         self.found = False
         self.truncating = False
@@ -159,107 +154,40 @@ class EarlyBird:
                     raise ValueError(f"representative parameter {rep.name} is not in the optimizer, "
                                      "so its gradients cannot be truncated")
 
-    def _newest_row(self) -> int:
-        return (self._count - 1) % self.window
-
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         self._opt_steps += 1
         if not self.found and self._opt_steps % self.every == 0:
             self.step()
 
-    def _segment(self, row: int, i: int) -> torch.Tensor:
-        return self._ring[row, self._offsets[i]:self._offsets[i + 1]]
-
-    def _masks_of_row(self, row: int) -> dict:
-        """{param: full-shape bool keep mask} for a ring row."""
-        out: dict = {}
-        for i, rep in enumerate(self.reps):
-            keep = _ref.unpack(self._segment(row, i).contiguous(), [rep.shape])[0]
-            out[rep.param] = rep.full_mask(keep, out.get(rep.param))
-        return out
-
-    def _truncation_bits(self, row: int) -> dict:
-        """{param: packed keep bits} for the newest mask; BN biases share their gamma's."""
-        bits: dict = {}
-        sliced = []
-        for i, rep in enumerate(self.reps):
-            if rep.index is None:  # segments are in logical (row-major) order, any layout
-                seg = self._segment(row, i).clone()
-                for p in [rep.param, *rep.covers]:
-                    bits[p] = seg
-            else:
-                sliced.append(rep)
-        if sliced:  # packed Q/K/V weights: slices placed in a full mask (V stays kept)
-            full = self._masks_of_row(row)
-            for rep in sliced:
-                if rep.param not in bits:
-                    bits[rep.param] = _ref.pack([full[rep.param]])
-        return bits
-
-    def _apply_truncation(self, on: bool, row: Optional[int] = None) -> None:
+    def _apply_truncation(self, on: bool) -> None:
         if self._truncation is None:  # mode "eb", or closed
             return
-        bits = self._truncation_bits(self._newest_row() if row is None else row) if on else None
-        self._truncation.set_bits(bits, self.r)
-
-    def _mask_update(self, be, tensors, thr, head: int) -> torch.Tensor:
-        """mask_update_ over the whole window, in calls of at most _ROWS_PER_CALL rows."""
-        if self.window <= _ROWS_PER_CALL:
-            return be.mask_update_(tensors, thr, self._ring, head)
-        parts = []
-        for lo in range(0, self.window, _ROWS_PER_CALL):
-            rows = self._ring[lo:lo + _ROWS_PER_CALL]  # a contiguous block of rows
-            if lo <= head < lo + rows.shape[0]:
-                parts.append(be.mask_update_(tensors, thr, rows, head - lo))
-            else:  # counts only: the op writes its head row, put that row back
-                keep = rows[0].clone()
-                parts.append(be.mask_update_(tensors, thr, rows, 0))
-                rows[0].copy_(keep)
-        return torch.cat(parts)
+        self._truncation.set_bits(self._window.truncation_bits() if on else None, self.r)
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self) -> Record:
-        """Sample a mask, push it into the window, and decide (METHOD.md steps 2-3)."""
+        """Sample a mask, push it into the window, and decide (docs/method.md, steps 1-3)."""
         if self.found:
             return self.history[-1]
         t0 = time.perf_counter()
-        tensors = [rep.contiguous_values() for rep in self.reps]
-        tensors = [t.float() if t.dtype == torch.float64 else t for t in tensors]
-        be = _ops.resolve(self.device)
-        thr, nonfinite = be.select_thresholds(tensors, self._ks, self.scope)
-        bad = torch.nonzero(nonfinite).flatten().tolist()  # one sync: errors must name the tensor
-        if bad:
-            names = ", ".join(self.reps[i].name for i in bad)
-            raise ValueError(f"NaN or Inf in representative tensor(s) {names}: "
-                             "a mask cannot be taken from non-finite weights")
-        head = self._count % self.window
-        saved = self._ring[head].clone()  # a failed step leaves the window as it was
+        w = self._window
+        head, count = w.count % w.length, w.count
+        saved = w.ring[head].clone()  # a failed step leaves the window as it was
         try:
-            counts = self._mask_update(be, tensors, thr, head)
-            count, found, truncating = self._count + 1, self.found, self.truncating
-            d_max = d_avg = dists = None
-            if count >= self.window:
-                older = [(head + j) % self.window for j in range(1, self.window)]  # oldest first
-                c = counts.tolist()
-                dists = [c[j] / self.numel for j in older]
-                d_max, d_avg = max(dists), sum(dists) / len(dists)
-                if d_max < self.stop:
-                    found = True
-                elif self.mode == "worm" and d_avg < self.stop + self.delta:
-                    truncating = True
-            if self.mode == "truncate":
-                truncating = True
-            if found:
-                truncating = False
-            self._apply_truncation(truncating, head)
+            dists = w.distances(w.push(self._ks, self.scope))
+            found, truncating = decide(dists, mode=self.mode, stop=self.stop,
+                                       delta=self.delta, truncating=self.truncating)
+            self._apply_truncation(truncating)
         except BaseException:
-            self._ring[head].copy_(saved)
+            w.ring[head].copy_(saved)
+            w.count = count
             raise
-        self._count, self.found, self.truncating = count, found, truncating
+        self.found, self.truncating = found, truncating
+        d_max, d_avg = summarize(dists) if dists is not None else (None, None)
 
-        rec = Record(index=self._count,
-                     epoch=self._count if self.every is None else None,
+        rec = Record(index=self._window.count,
+                     epoch=self._window.count if self.every is None else None,
                      step=self._opt_steps if self.every is not None else None,
                      d_max=d_max, d_avg=d_avg, distances=dists, truncating=self.truncating,
                      found=self.found, seconds=time.perf_counter() - t0)
@@ -270,9 +198,7 @@ class EarlyBird:
     @property
     def mask(self) -> Optional[dict]:
         """The newest sampled mask, ``{param: bool keep mask}`` (None before the first)."""
-        if self._count == 0:
-            return None
-        return self._masks_of_row(self._newest_row())
+        return None if self._window.count == 0 else self._window.masks()
 
     @property
     def ticket(self) -> Optional[dict]:
@@ -281,8 +207,9 @@ class EarlyBird:
 
     @property
     def packed_mask(self) -> Optional[torch.Tensor]:
-        """The newest mask in the packed layout of :mod:`worm.reference` (a copy)."""
-        return None if self._count == 0 else self._ring[self._newest_row()].clone()
+        """The newest mask in the packed layout of :mod:`worm.packing` (a copy)."""
+        w = self._window
+        return None if w.count == 0 else w.ring[w.newest_row()].clone()
 
     def close(self) -> None:
         """Switch truncation off and remove the hooks this search registered."""
@@ -301,8 +228,8 @@ class EarlyBird:
                 "shapes": [list(rep.shape) for rep in self.reps]}
 
     def state_dict(self) -> dict:
-        return {"version": 1, "config": self._config(), "ring": self._ring.clone().cpu(),
-                "count": self._count, "opt_steps": self._opt_steps, "found": self.found,
+        return {"version": 1, "config": self._config(), **self._window.state(),
+                "opt_steps": self._opt_steps, "found": self.found,
                 "truncating": self.truncating, "history": [asdict(h) for h in self.history]}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -327,29 +254,21 @@ class EarlyBird:
         if theirs.get("numel") != mine["numel"]:
             raise ValueError(f"cannot load search state: numel is {theirs.get('numel')!r} in the "
                              f"state dict but {mine['numel']!r} here")
-        ring = sd["ring"]
-        if ring.shape != self._ring.shape or ring.dtype != torch.uint8:
-            raise ValueError(f"cannot load search state: window buffer {tuple(ring.shape)} "
-                             f"{ring.dtype}, expected {tuple(self._ring.shape)} uint8")
         stop = _finite("stop (s)", theirs["stop"], 0.0, lo_ok=False)
         delta = _finite("delta", theirs["delta"], 0.0, lo_ok=True)
         r = _check_r(theirs["r"])
         history = [Record(**h) for h in sd["history"]]
-        count, opt_steps = int(sd["count"]), int(sd["opt_steps"])
-        found, truncating = bool(sd["found"]), bool(sd["truncating"])
-        old_ring, old_r = self._ring.clone(), self.r
-        self._ring.copy_(ring)
+        opt_steps, found, truncating = int(sd["opt_steps"]), bool(sd["found"]), bool(sd["truncating"])
+        w = self._window
+        old_ring, old_count, old_r = w.ring.clone(), w.count, self.r
+        w.load(sd["ring"], sd["count"])  # checks the buffer before writing
         self.r = r
         try:
-            if truncating and count > 0:
-                self._apply_truncation(True, (count - 1) % self.window)
-            else:
-                self._apply_truncation(False)
+            self._apply_truncation(truncating and w.count > 0)
         except BaseException:
-            self._ring.copy_(old_ring)
-            self.r = old_r
+            w.ring.copy_(old_ring)
+            w.count, self.r = old_count, old_r
             raise
         self.stop, self.delta = stop, delta
-        self._count, self._opt_steps = count, opt_steps
-        self.found, self.truncating = found, truncating
+        self._opt_steps, self.found, self.truncating = opt_steps, found, truncating
         self.history = history
