@@ -20,6 +20,8 @@ import torch
 
 from . import _ops
 from . import reference as _ref
+from .distributed import local as _local
+from .distributed import sgd_step_ as _sgd_step_on_shards
 
 __all__ = ["WormSGD", "GradTruncation", "truncation_pre_hook"]
 
@@ -48,15 +50,16 @@ def _pack_masks(masks: Dict[torch.Tensor, torch.Tensor], known: set, owner: str)
                              f"its parameter's {tuple(p.shape)}")
         if m.device != p.device:
             raise ValueError(f"{owner}: keep mask on {m.device} but its parameter on {p.device}")
-        bits[p] = _ref.pack([m])
+        bits[p] = _ref.pack([_local(m)])  # DTensor params (FSDP2): bits of the local shard
     return bits
 
 
 def _check_bits(bits: dict, owner: str) -> dict:
     for p, b in bits.items():
-        if b.dtype != torch.uint8 or b.dim() != 1 or b.numel() != _ref.packed_nbytes(p.numel()):
-            raise ValueError(f"{owner}: packed keep bits for a parameter of {p.numel()} entries must be "
-                             f"uint8 [{_ref.packed_nbytes(p.numel())}], got {b.dtype} {tuple(b.shape)}")
+        n = _local(p).numel()  # a DTensor's bits cover its local shard
+        if b.dtype != torch.uint8 or b.dim() != 1 or b.numel() != _ref.packed_nbytes(n):
+            raise ValueError(f"{owner}: packed keep bits for a parameter of {n} entries must be "
+                             f"uint8 [{_ref.packed_nbytes(n)}], got {b.dtype} {tuple(b.shape)}")
         if b.device != p.device:
             raise ValueError(f"{owner}: packed keep bits on {b.device} but parameter on {p.device}")
     return bits
@@ -162,7 +165,7 @@ class WormSGD(torch.optim.SGD):
             # The reference path: truncation is a gradient hook, then SGD's own step.
             for p, bits in self._trunc.bits.items():
                 if p.grad is not None:
-                    _ref.truncate_([p.grad], [bits], self._trunc.r)
+                    _ref.truncate_([_local(p.grad)], [bits], self._trunc.r)
             super().step()
         return loss
 
@@ -186,7 +189,7 @@ class WormSGD(torch.optim.SGD):
             momentum = group["momentum"]
             bufs = [self.state[p].get("momentum_buffer") if momentum != 0 else None for p in params]
             bits = [self._trunc.bits.get(p) for p in params]
-            new_bufs = be.sgd_step_(params, grads, bufs, bits, r=r, lr=group["lr"],
+            new_bufs = _sgd_step_on_shards(be.sgd_step_, params, grads, bufs, bits, r=r, lr=group["lr"],
                                     weight_decay=group["weight_decay"], momentum=momentum,
                                     dampening=group["dampening"], nesterov=group["nesterov"],
                                     maximize=group["maximize"])
@@ -249,8 +252,11 @@ class GradTruncation:
             if p.grad is None:
                 continue
             _no_sparse(p, type(optimizer).__name__)
-            grads, bl = by_device.setdefault(p.grad.device, ([], []))
-            grads.append(p.grad)
+            g = _local(p.grad)  # FSDP2: truncate the local shard in place
+            if g.numel() == 0:
+                continue
+            grads, bl = by_device.setdefault(g.device, ([], []))
+            grads.append(g)
             bl.append(bits)
         for device, (grads, bl) in by_device.items():
             _ops.resolve(device).truncate_(grads, bl, self._trunc.r)

@@ -12,6 +12,7 @@ on whatever backend runs for the parameters' device (see :mod:`worm._ops`).
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from . import _ops
+from . import distributed as _dist
 from . import reference as _ref
 from .layers import select
 from .optim import GradTruncation, WormSGD
@@ -91,7 +93,12 @@ class EarlyBird:
             self._ks = [_ref.num_pruned(n, self.prune_ratio) for n in numels]
         self._offsets = _ref.byte_offsets(numels)
         self.device = self.reps[0].param.device
-        self._ring = torch.zeros(self.window, self._offsets[-1], dtype=torch.uint8, device=self.device)
+        # Sharded (FSDP2) sets keep a ring over their local shards; see worm.distributed.
+        self._shards = _dist.plan(self.reps)
+        if self._shards is not None:
+            self._ring = self._shards.new_ring(self.window)
+        else:
+            self._ring = torch.zeros(self.window, self._offsets[-1], dtype=torch.uint8, device=self.device)
         self._count = 0          # masks pushed so far
         self._opt_steps = 0
         self.found = False
@@ -134,6 +141,8 @@ class EarlyBird:
 
     def _masks_of_row(self, row: int) -> dict:
         """{param: full-shape bool keep mask} for a ring row."""
+        if self._shards is not None:
+            return self._shards.masks_of_row(self._ring, row)
         out: dict = {}
         for i, rep in enumerate(self.reps):
             keep = _ref.unpack(self._segment(row, i).contiguous(), [rep.shape])[0]
@@ -142,6 +151,8 @@ class EarlyBird:
 
     def _truncation_bits(self, row: int) -> dict:
         """{param: packed keep bits} for the newest mask; BN biases share their gamma's."""
+        if self._shards is not None:
+            return self._shards.truncation_bits(self._ring, row)
         bits: dict = {}
         sliced = []
         for i, rep in enumerate(self.reps):
@@ -166,13 +177,8 @@ class EarlyBird:
         else:
             self._truncation.set_bits(bits, self.r)
 
-    # ----------------------------------------------------------------- the step
-    @torch.no_grad()
-    def step(self) -> Record:
-        """Sample a mask, push it into the window, and decide (METHOD.md steps 2-3)."""
-        if self.found:
-            return self.history[-1]
-        t0 = time.perf_counter()
+    def _sample_here(self, head: int) -> torch.Tensor:
+        """Sample on this process's full tensors (also each DDP replica's, no communication)."""
         tensors = [rep.contiguous_values() for rep in self.reps]
         be = _ops.resolve(self.device)
         thr, nonfinite = be.select_thresholds(tensors, self._ks, self.scope)
@@ -181,8 +187,22 @@ class EarlyBird:
             names = ", ".join(self.reps[i].name for i in bad)
             raise ValueError(f"NaN or Inf in representative tensor(s) {names}: "
                              "a mask cannot be taken from non-finite weights")
-        head = self._count % self.window
         counts = be.mask_update_(tensors, thr, self._ring, head)
+        _dist.check_replicated_sample(self._ring[head], thr)
+        return counts
+
+    # ----------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self) -> Record:
+        """Sample a mask, push it into the window, and decide (METHOD.md steps 2-3)."""
+        if self.found:
+            return self.history[-1]
+        t0 = time.perf_counter()
+        head = self._count % self.window
+        if self._shards is not None:
+            counts = self._shards.sample(self._ring, head, self._ks, self.scope)
+        else:
+            counts = self._sample_here(head)
         self._count += 1
 
         d_max = d_avg = dists = None
@@ -219,12 +239,17 @@ class EarlyBird:
 
     @property
     def ticket(self) -> Optional[dict]:
-        """The ticket (the newest mask) once found, else None."""
+        """The ticket (the newest mask) once found, else None.
+
+        On a sharded (FSDP2) set the masks are DTensors placed like their parameters;
+        ``worm.distributed.full_masks(search.ticket)`` gathers full tensors.
+        """
         return self.mask if self.found else None
 
     @property
     def packed_mask(self) -> Optional[torch.Tensor]:
-        """The newest mask in the packed layout of :mod:`worm.reference` (a copy)."""
+        """The newest mask in the packed layout of :mod:`worm.reference` (a copy; of the
+        local shards' entries on a sharded set)."""
         return None if self._count == 0 else self._ring[self._newest_row()].clone()
 
     def close(self) -> None:
@@ -242,9 +267,15 @@ class EarlyBird:
                 "every": self.every, "numel": self.numel, "names": [rep.name for rep in self.reps]}
 
     def state_dict(self) -> dict:
-        return {"version": 1, "config": self._config(), "ring": self._ring.clone().cpu(),
+        if self._shards is not None:  # DTensors: save with torch.distributed.checkpoint,
+            # which wants a fixed key set: the history (a growing list) goes as one JSON text
+            window = {"windows": self._shards.window_state(self._ring),
+                      "history": json.dumps([asdict(h) for h in self.history])}
+        else:
+            window = {"ring": self._ring.clone().cpu()}
+        return {"version": 1, "config": self._config(),
                 "count": self._count, "opt_steps": self._opt_steps, "found": self.found,
-                "truncating": self.truncating, "history": [asdict(h) for h in self.history]}
+                "truncating": self.truncating, "history": [asdict(h) for h in self.history], **window}
 
     def load_state_dict(self, sd: dict) -> None:
         mine = self._config()
@@ -253,7 +284,11 @@ class EarlyBird:
             if theirs.get(key) != mine[key]:
                 raise ValueError(f"cannot load search state: {key} is {theirs.get(key)!r} in the "
                                  f"state dict but {mine[key]!r} here")
-        ring = sd["ring"]
+        if self._shards is not None:
+            self._shards.load_window_state(self._ring, sd["windows"])
+            ring = self._ring
+        else:
+            ring = sd["ring"]
         if ring.shape != self._ring.shape or ring.dtype != torch.uint8:
             raise ValueError(f"cannot load search state: window buffer {tuple(ring.shape)} "
                              f"{ring.dtype}, expected {tuple(self._ring.shape)} uint8")
@@ -261,5 +296,6 @@ class EarlyBird:
         self._ring.copy_(ring)
         self._count, self._opt_steps = int(sd["count"]), int(sd["opt_steps"])
         self.found, self.truncating = bool(sd["found"]), bool(sd["truncating"])
-        self.history = [Record(**h) for h in sd["history"]]
+        hist = sd["history"]
+        self.history = [Record(**h) for h in (json.loads(hist) if isinstance(hist, str) else hist)]
         self._apply_truncation(self.truncating and self._count > 0)

@@ -1,0 +1,70 @@
+"""The search on FSDP2-sharded and DDP-replicated models equals one process's, bit for bit.
+
+Each test spawns gloo processes on CPU (tests/dist_cases.py holds the workers). One
+spawn runs many cases, since starting the processes costs more than the cases.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dist_cases
+from worm import distributed as wd
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+
+
+def _spawn(fn, world, *args):
+    mp.spawn(fn, args=(world, dist_cases.free_port(), *args), nprocs=world, join=True)
+
+
+# Every (model, mode, scope) runs on 2 or 4 ranks, and each world size sees both models,
+# both modes and both scopes; worm with AdamW exercises the truncation pre-hook. 4 ranks
+# give uneven and empty shards (BN widths 6, 5, 3 -> 2/2/2/0, 2/2/1/0, 1/1/1/0) and Q/K
+# slices that straddle ranks (in_proj_weight rows 9 per rank: Q 9+3, K 6+6, none on rank 3).
+CASES = {
+    2: [("cnn", "worm", "global", "sgd"), ("cnn", "eb", "layer", "sgd"),
+        ("transformer", "worm", "layer", "sgd"), ("transformer", "eb", "global", "sgd")],
+    4: [("cnn", "worm", "layer", "sgd"), ("cnn", "eb", "global", "sgd"),
+        ("transformer", "worm", "global", "sgd"), ("transformer", "eb", "layer", "sgd"),
+        ("transformer", "worm", "global", "adamw")],
+}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_search_equals_one_process(world):
+    _spawn(dist_cases.check_equal_to_one_process, world, CASES[world])
+
+
+def test_fsdp2_resume_with_distributed_checkpoint(tmp_path):
+    _spawn(dist_cases.check_resume, 2, str(tmp_path / "ckpt"))
+
+
+def test_ddp_needs_no_communication_and_debug_check_catches_disagreement():
+    _spawn(dist_cases.check_ddp, 2)
+
+
+# ----------------------------------------------------- the select, in one process
+def _kth(x, k):
+    return torch.tensor(float("-inf")) if k == 0 else torch.kthvalue(x, k).values
+
+
+@pytest.mark.parametrize("k_of", [lambda n: 0, lambda n: 1, lambda n: n // 2, lambda n: n])
+def test_radix_select_is_kthvalue_with_ties_zeros_and_extremes(k_of):
+    g = torch.Generator().manual_seed(0)
+    pieces = [torch.randn(37, generator=g).abs(), torch.zeros(5), torch.full((9,), 0.25),
+              torch.tensor([3.4e38, 1e-45, 1e-38]), torch.empty(0)]
+    flat = torch.cat(pieces)
+    k = k_of(flat.numel())
+    thr, _ = wd.kth_smallest([pieces], [k], group=False)
+    assert torch.equal(thr, _kth(flat, k).reshape(1))
+    # per-tensor selections in one call (layer scope)
+    segs = [[p] for p in pieces if p.numel()]
+    ks = [k_of(p.numel()) for p in pieces if p.numel()]
+    thr, _ = wd.kth_smallest(segs, ks, group=False)
+    assert torch.equal(thr, torch.stack([_kth(p, kk) for (p,), kk in zip(segs, ks)]))
+
+
+def test_bytes_per_sample_is_a_few_kb():
+    assert wd.bytes_per_sample(24, "global", 3) == 8 * (256 * 4 + 24 + 3)
+    assert wd.bytes_per_sample(24, "global", 3) < 9 * 1024
