@@ -4,6 +4,8 @@ Each test spawns gloo processes on CPU (tests/dist_cases.py holds the workers). 
 spawn runs many cases, since starting the processes costs more than the cases.
 """
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -66,5 +68,23 @@ def test_radix_select_is_kthvalue_with_ties_zeros_and_extremes(k_of):
 
 
 def test_bytes_per_sample_is_a_few_kb():
-    assert wd.bytes_per_sample(24, "global", 3) == 8 * (256 * 4 + 24 + 3)
-    assert wd.bytes_per_sample(24, "global", 3) < 9 * 1024
+    bert = [768 * 768] * 24
+    assert wd.bytes_per_sample(bert, "global", 3) == 4 * (256 * 4 + 24) + 8 * 3
+    assert wd.bytes_per_sample(bert, "global", 3) < 5 * 1024
+    huge = [2 ** 30] * 4  # past 2**31 entries in one selection the counters widen to int64
+    assert wd.bytes_per_sample(huge, "global", 3) == 8 * (256 * 4 + 4) + 8 * 3
+    assert wd.bytes_per_sample(huge, "layer", 3) == 4 * (4 * 256 * 4 + 4) + 8 * 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=60),
+       st.lists(st.integers(0, 60), max_size=4), st.data(), st.sampled_from([torch.int32, torch.int64]))
+def test_radix_select_matches_kthvalue_on_any_split(values, cuts, data, dtype):
+    # |w| of arbitrary finite floats (signed zeros, subnormals, repeats), split into pieces
+    # as shards would split them; the k-th smallest must not depend on the split
+    x = torch.tensor(values, dtype=torch.float32).abs()
+    k = data.draw(st.integers(0, x.numel()))
+    bounds = sorted({min(c, x.numel()) for c in cuts} | {0, x.numel()})
+    pieces = [x[a:b] for a, b in zip(bounds, bounds[1:])]
+    thr, _ = wd.kth_smallest([pieces], [k], group=False, dtype=dtype)
+    assert torch.equal(thr, _kth(x, k).reshape(1))

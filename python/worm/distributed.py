@@ -6,8 +6,8 @@ are DTensors sharded on dim 0 (``fully_shard``) is searched where it lives:
 * **Threshold**: a radix select over the fp32 bit patterns of ``|w|`` (for finite
   non-negative floats the int32 pattern orders like the value). Each of the four
   passes histograms one 8-bit digit of the local entries that still match the prefix
-  chosen so far (256 int64 bins per selection, plus the NaN/Inf counts on the first
-  pass), all-reduces the histogram (SUM) and picks the digit holding the k-th
+  chosen so far (256 int32 bins per selection, int64 past 2**31 entries, plus the
+  NaN/Inf counts on the first pass), all-reduces the histogram (SUM) and picks the digit holding the k-th
   smallest entry. The result is the k-th smallest score of the whole multiset,
   bit for bit ``torch.kthvalue``'s, with ties, ``k = round(p * N)`` and ``k = 0 ->
   -inf`` exactly as :mod:`worm.reference`. No weight leaves its rank.
@@ -43,7 +43,7 @@ from . import reference as _ref
 
 __all__ = ["is_dtensor", "local", "local_numel", "plan", "ShardedSet", "full_masks",
            "kth_smallest", "check_replicas", "replicas_agree", "sgd_step_",
-           "RADIX_BITS", "bytes_per_sample"]
+           "RADIX_BITS", "bytes_per_sample", "counter_dtype"]
 
 RADIX_BITS = 8
 _BINS = 1 << RADIX_BITS
@@ -88,11 +88,16 @@ def _replicated_world() -> int:
 
 
 # ----------------------------------------------------------------- the select
-def _radix_pass_hist(segments, prefix, shift, device) -> torch.Tensor:
+def counter_dtype(largest_selection: int) -> torch.dtype:
+    """int32 histogram counters while no selection can overflow them (half the bytes)."""
+    return torch.int32 if largest_selection < 2 ** 31 else torch.int64
+
+
+def _radix_pass_hist(segments, prefix, shift, device, dtype) -> torch.Tensor:
     """Histogram [S * 256] of digit ``shift`` over entries matching ``prefix`` above it."""
     n_seg = len(segments)
-    hist = torch.zeros(n_seg * _BINS + 1, dtype=torch.int64, device=device)  # last bin: no match
-    one = torch.ones((), dtype=torch.int64, device=device)
+    hist = torch.zeros(n_seg * _BINS + 1, dtype=dtype, device=device)  # last bin: no match
+    one = torch.ones((), dtype=dtype, device=device)
     for s, bit_tensors in enumerate(segments):
         for bits in bit_tensors:
             digit = (bits >> shift) & (_BINS - 1)
@@ -105,13 +110,14 @@ def _radix_pass_hist(segments, prefix, shift, device) -> torch.Tensor:
 
 
 def kth_smallest(segments: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], group=None,
-                 extra: Optional[torch.Tensor] = None, device=None):
+                 extra: Optional[torch.Tensor] = None, device=None, dtype=torch.int64):
     """The k-th smallest (1-indexed) of each segment's multiset, summed over ``group``.
 
     ``segments[s]``: this rank's tensors of selection ``s`` (fp32, finite, >= 0; may
     be empty). ``ks[s]``: k over the whole (all-rank) segment; 0 gives ``-inf``.
-    ``extra`` (int64, optional) rides along with the first all-reduce and comes back
-    summed. Returns (fp32 [S] thresholds, summed extra or None). No host sync.
+    ``extra`` (integers, optional) rides along with the first all-reduce and comes back
+    summed. ``dtype``: the counters (int32 when no summed count can reach 2**31, see
+    :func:`counter_dtype`). Returns (fp32 [S] thresholds, summed extra). No host sync.
     """
     dist = _dist()
     bits = [[t.reshape(-1).view(torch.int32) for t in seg] for seg in segments]
@@ -119,14 +125,14 @@ def kth_smallest(segments: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], 
     kk = torch.tensor(list(ks), dtype=torch.int64, device=device)
     prefix = torch.zeros(n_seg, dtype=torch.int64, device=device)
     for p, shift in enumerate(_SHIFTS):
-        hist = _radix_pass_hist(bits, prefix, shift, device)
+        hist = _radix_pass_hist(bits, prefix, shift, device, dtype)
         if p == 0 and extra is not None:
-            hist = torch.cat([hist, extra.to(device=device, dtype=torch.int64)])
+            hist = torch.cat([hist, extra.to(device=device, dtype=dtype)])
         if group is not False and _replicated_world() > 1:
             dist.all_reduce(hist, op=dist.ReduceOp.SUM, group=group)
         if p == 0 and extra is not None:
             hist, extra = hist[:n_seg * _BINS], hist[n_seg * _BINS:]
-        cum = hist.view(n_seg, _BINS).cumsum(1)
+        cum = hist.view(n_seg, _BINS).cumsum(1, dtype=torch.int64)
         digit = (cum < kk[:, None]).sum(1).clamp(max=_BINS - 1)  # bin holding the k-th entry
         below = torch.where(digit > 0, cum.gather(1, (digit - 1).clamp(min=0)[:, None]).squeeze(1),
                             torch.zeros_like(digit))
@@ -138,10 +144,12 @@ def kth_smallest(segments: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], 
     return thr, extra
 
 
-def bytes_per_sample(n_tensors: int, scope: str, window: int) -> int:
-    """Bytes one rank all-reduces per sampling step (payload, int64 counters)."""
-    n_seg = 1 if scope == "global" else n_tensors
-    return 8 * (n_seg * _BINS * len(_SHIFTS) + n_tensors + window)
+def bytes_per_sample(numels: Sequence[int], scope: str, window: int) -> int:
+    """Bytes one rank all-reduces per sampling step (payload) for tensors of ``numels``."""
+    n_seg = 1 if scope == "global" else len(numels)
+    largest = sum(numels) if scope == "global" else max(numels)
+    width = torch.empty(0, dtype=counter_dtype(largest)).element_size()
+    return width * (n_seg * _BINS * len(_SHIFTS) + len(numels)) + 8 * window
 
 
 # --------------------------------------------------------- sharded rep views
@@ -243,6 +251,7 @@ class ShardedSet:
         self.offsets = _ref.byte_offsets([lr.numel for lr in self.local])
         self.device = local(self.reps[0].param).device
         self.params = list(dict.fromkeys(r.param for r in self.reps))  # unique, in order
+        self.numels = [r.numel for r in self.reps]  # global entries per tensor
         self.bytes_reduced = 0  # running count of all-reduce payload bytes (for benchmarks)
 
     # ---------------------------------------------------------------- sampling
@@ -259,8 +268,11 @@ class ShardedSet:
         scores = [t.float().abs() for t in tensors]
         nonfinite = torch.stack([(~torch.isfinite(s)).sum() for s in scores])
         segments = [scores] if scope == "global" else [[s] for s in scores]
-        thr, nonfinite = kth_smallest(segments, ks, self.group, extra=nonfinite, device=self.device)
-        self.bytes_reduced += 8 * (len(segments) * _BINS * len(_SHIFTS) + len(tensors))
+        dtype = counter_dtype(sum(self.numels) if scope == "global" else max(self.numels))
+        thr, nonfinite = kth_smallest(segments, ks, self.group, extra=nonfinite, device=self.device,
+                                      dtype=dtype)
+        width = torch.empty(0, dtype=dtype).element_size()
+        self.bytes_reduced += width * (len(segments) * _BINS * len(_SHIFTS) + len(tensors))
         bad = torch.nonzero(nonfinite).flatten().tolist()  # the same on every rank: all raise
         if bad:
             names = ", ".join(self.reps[i].name for i in bad)
