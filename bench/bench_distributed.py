@@ -135,7 +135,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="folder for a JSON + markdown record")
     args = ap.parse_args(argv)
+    from worm import _ops
     rec = {"torch": torch.__version__, "host": platform.node(), "cpus": os.cpu_count(),
+           "cpu_backend": _ops.resolve("cpu").name,
            "counted": counted(args.world), "timed": timed(args.world, args.time, args.reps) if args.time else []}
     lines = [f"# Sharded search: bytes and time per sampling step (world {args.world}, window {WINDOW})", "",
              "| set | entries | scope | all-reduce payload B | all-reduce wire B/rank | all-gather fp32 B/rank | ratio |",
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
                      f"{r['allreduce_wire_B_per_rank']:,} | {r['allgather_fp32_B_per_rank']:,} | "
                      f"{r['ratio_fp32']:,.0f}x |")
     if rec["timed"]:
-        lines += ["", f"Timed on CPU, gloo, {args.world} processes ({os.cpu_count()} cores), median of {args.reps}:", "",
+        lines += ["", f"Timed on CPU, gloo, {args.world} processes ({os.cpu_count()} cores, worm backend "
+                  f"{rec['cpu_backend']} for both columns), median of {args.reps}:", "",
                   "| set | sharded EarlyBird.step s | all-gather + select s | measured payload B |",
                   "|---|---|---|---|"]
         for r in rec["timed"]:
