@@ -109,6 +109,13 @@ def _radix_pass_hist(segments, prefix, shift, device, dtype) -> torch.Tensor:
     return hist[:-1]
 
 
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor onto ``device`` without a host sync (pinned, non-blocking copy)."""
+    if device is None or torch.device(device).type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def kth_smallest(segments: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], group=None,
                  extra: Optional[torch.Tensor] = None, device=None, dtype=torch.int64):
     """The k-th smallest (1-indexed) of each segment's multiset, summed over ``group``.
@@ -122,7 +129,7 @@ def kth_smallest(segments: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], 
     dist = _dist()
     bits = [[t.reshape(-1).view(torch.int32) for t in seg] for seg in segments]
     n_seg = len(segments)
-    kk = torch.tensor(list(ks), dtype=torch.int64, device=device)
+    kk = _to_device(torch.tensor(list(ks), dtype=torch.int64), device)
     prefix = torch.zeros(n_seg, dtype=torch.int64, device=device)
     for p, shift in enumerate(_SHIFTS):
         hist = _radix_pass_hist(bits, prefix, shift, device, dtype)
@@ -139,7 +146,7 @@ def kth_smallest(segments: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], 
         kk = kk - below
         prefix = prefix | (digit << shift)
     thr = prefix.to(torch.int32).view(torch.float32)
-    zero_k = torch.tensor([k == 0 for k in ks], device=device)
+    zero_k = _to_device(torch.tensor([k == 0 for k in ks]), device)
     thr = torch.where(zero_k, torch.full_like(thr, -math.inf), thr)
     return thr, extra
 
