@@ -93,6 +93,21 @@ def counter_dtype(largest_selection: int) -> torch.dtype:
     return torch.int32 if largest_selection < 2 ** 31 else torch.int64
 
 
+def _radix_pass_hist_compacted(segments, shift, device, dtype) -> tuple:
+    """(histogram [S * 256] of digit ``shift``, the digits); all entries match the prefix (CPU)."""
+    n_seg = len(segments)
+    hist = torch.zeros(n_seg * _BINS, dtype=torch.int64, device=device)
+    digits = []
+    for s, bit_tensors in enumerate(segments):
+        digits.append([])
+        for bits in bit_tensors:
+            digit = (bits >> shift) & (_BINS - 1)
+            digits[-1].append(digit)
+            if bits.numel():
+                hist[s * _BINS:(s + 1) * _BINS] += torch.bincount(digit, minlength=_BINS)
+    return hist.to(dtype), digits
+
+
 def _radix_pass_hist(segments, prefix, shift, device, dtype) -> torch.Tensor:
     """Histogram [S * 256] of digit ``shift`` over entries matching ``prefix`` above it."""
     n_seg = len(segments)
@@ -131,8 +146,14 @@ def kth_smallest(segments: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], 
     n_seg = len(segments)
     kk = _to_device(torch.tensor(list(ks), dtype=torch.int64), device)
     prefix = torch.zeros(n_seg, dtype=torch.int64, device=device)
+    # On CPU the entries outside the chosen bin are dropped after each pass (boolean
+    # indexing would sync a GPU, which instead re-reads all entries with a prefix test).
+    compact = device is None or torch.device(device).type == "cpu"
     for p, shift in enumerate(_SHIFTS):
-        hist = _radix_pass_hist(bits, prefix, shift, device, dtype)
+        if compact:
+            hist, digits = _radix_pass_hist_compacted(bits, shift, device, dtype)
+        else:
+            hist = _radix_pass_hist(bits, prefix, shift, device, dtype)
         if p == 0 and extra is not None:
             hist = torch.cat([hist, extra.to(device=device, dtype=dtype)])
         if group is not False and _replicated_world() > 1:
@@ -145,6 +166,9 @@ def kth_smallest(segments: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], 
                             torch.zeros_like(digit))
         kk = kk - below
         prefix = prefix | (digit << shift)
+        if compact and p + 1 < len(_SHIFTS):
+            d = digit.tolist()
+            bits = [[b[g == d[s]] for b, g in zip(seg, dg)] for s, (seg, dg) in enumerate(zip(bits, digits))]
     thr = prefix.to(torch.int32).view(torch.float32)
     zero_k = _to_device(torch.tensor([k == 0 for k in ks]), device)
     thr = torch.where(zero_k, torch.full_like(thr, -math.inf), thr)
