@@ -127,7 +127,7 @@ def full_params(model) -> list:
     return [p.full_tensor() if wd.is_dtensor(p) else p.detach() for p in model.parameters()]
 
 
-def run(kind, mode, scope, opt_name, sharded, steps=10):
+def run(kind, mode, scope, opt_name, sharded, steps=8):
     model = KINDS[kind][0]()
     if sharded:
         shard(model)
@@ -139,74 +139,74 @@ def run(kind, mode, scope, opt_name, sharded, steps=10):
 
 
 # ---------------------------------------------------------------------- checks
-def check_equal_to_one_process(rank, world, port, cases):
+def worker(rank, world, port, jobs):
+    """Run ``jobs`` ([(check name, args), ...]) in one process group (spawning is slow)."""
     init(rank, world, port)
     try:
-        for kind, mode, scope, opt_name in cases:
-            what = f"{kind}/{mode}/{scope}/{opt_name} on {world} ranks"
-            m1, s1, k1 = run(kind, mode, scope, opt_name, sharded=False)
-            m2, s2, k2 = run(kind, mode, scope, opt_name, sharded=True)
-            assert s2._shards is not None, what
-            assert history(s1) == history(s2), f"{what}: history differs"
-            assert len(k1) == len(k2) and all(torch.equal(a, b) for a, b in zip(k1, k2)), \
-                f"{what}: masks differ"
-            for a, b in zip(full_params(m1), full_params(m2)):
-                assert torch.equal(a, b), f"{what}: weights differ"
-            if mode == "worm":
-                assert any(h.truncating for h in s1.history), f"{what}: truncation never ran"
-            if s1.found:  # the ticket: DTensors in the params' placement, equal when gathered
-                t1, t2 = s1.ticket, s2.ticket
-                for p1, p2 in zip(t1, t2):
-                    assert wd.is_dtensor(t2[p2]) and t2[p2].placements == p2.placements, what
-                    assert torch.equal(t1[p1], t2[p2].full_tensor()), f"{what}: ticket differs"
+        for name, args in jobs:
+            globals()[name](rank, world, *args)
         dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
 
-def check_resume(rank, world, port, ckpt_dir):
+def check_equal_to_one_process(rank, world, cases):
+    for kind, mode, scope, opt_name in cases:
+        what = f"{kind}/{mode}/{scope}/{opt_name} on {world} ranks"
+        m1, s1, k1 = run(kind, mode, scope, opt_name, sharded=False)
+        m2, s2, k2 = run(kind, mode, scope, opt_name, sharded=True)
+        assert s2._shards is not None, what
+        assert history(s1) == history(s2), f"{what}: history differs"
+        assert len(k1) == len(k2) and all(torch.equal(a, b) for a, b in zip(k1, k2)), \
+            f"{what}: masks differ"
+        for a, b in zip(full_params(m1), full_params(m2)):
+            assert torch.equal(a, b), f"{what}: weights differ"
+        if mode == "worm":
+            assert any(h.truncating for h in s1.history), f"{what}: truncation never ran"
+        if s1.found:  # the ticket: DTensors in the params' placement, equal when gathered
+            t1, t2 = s1.ticket, s2.ticket
+            for p1, p2 in zip(t1, t2):
+                assert wd.is_dtensor(t2[p2]) and t2[p2].placements == p2.placements, what
+                assert torch.equal(t1[p1], t2[p2].full_tensor()), f"{what}: ticket differs"
+
+
+def check_resume(rank, world, ckpt_dir):
     """Save mid-search with torch.distributed.checkpoint, load into a fresh run: same future."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
-    init(rank, world, port)
-    try:
-        kind = "cnn"
+    kind = "cnn"
 
-        def fresh():
-            model = shard(KINDS[kind][0]())
-            opt = make_opt(model, "sgd")
-            return model, opt, search_for(model, opt, kind, "truncate", "global")
+    def fresh():
+        model = shard(KINDS[kind][0]())
+        opt = make_opt(model, "sgd")
+        return model, opt, search_for(model, opt, kind, "truncate", "global")
 
-        m1, o1, s1 = fresh()
-        train(m1, o1, s1, kind, 4)  # two samples: window not yet full, truncation on
-        assert s1.truncating, "the checkpoint should be taken with truncation on"
-        dcp.save({"model": get_model_state_dict(m1), "optim": get_optimizer_state_dict(m1, o1),
-                  "search": s1.state_dict()}, checkpoint_id=ckpt_dir)
-        train(m1, o1, s1, kind, 6, start=4)
+    m1, o1, s1 = fresh()
+    train(m1, o1, s1, kind, 4)  # two samples: window not yet full, truncation on
+    assert s1.truncating, "the checkpoint should be taken with truncation on"
+    dcp.save({"model": get_model_state_dict(m1), "optim": get_optimizer_state_dict(m1, o1),
+              "search": s1.state_dict()}, checkpoint_id=ckpt_dir)
+    train(m1, o1, s1, kind, 6, start=4)
 
-        m2, o2, s2 = fresh()
-        sd = {"model": get_model_state_dict(m2), "optim": get_optimizer_state_dict(m2, o2),
-              "search": s2.state_dict()}
-        dcp.load(sd, checkpoint_id=ckpt_dir)
-        set_model_state_dict(m2, sd["model"])
-        set_optimizer_state_dict(m2, o2, sd["optim"])
-        s2.load_state_dict(sd["search"])
-        assert s2.truncating and len(s2.history) == 2
-        train(m2, o2, s2, kind, 6, start=4)
-        assert history(s1) == history(s2), "resumed history differs"
-        assert torch.equal(packed_full(s1), packed_full(s2)), "resumed mask differs"
-        for a, b in zip(full_params(m1), full_params(m2)):
-            assert torch.equal(a, b), "resumed weights differ"
-        dist.barrier()  # no rank tears gloo down while another still talks to it
-    finally:
-        dist.destroy_process_group()
+    m2, o2, s2 = fresh()
+    sd = {"model": get_model_state_dict(m2), "optim": get_optimizer_state_dict(m2, o2),
+          "search": s2.state_dict()}
+    dcp.load(sd, checkpoint_id=ckpt_dir)
+    set_model_state_dict(m2, sd["model"])
+    set_optimizer_state_dict(m2, o2, sd["optim"])
+    s2.load_state_dict(sd["search"])
+    assert s2.truncating and len(s2.history) == 2
+    train(m2, o2, s2, kind, 6, start=4)
+    assert history(s1) == history(s2), "resumed history differs"
+    assert torch.equal(packed_full(s1), packed_full(s2)), "resumed mask differs"
+    for a, b in zip(full_params(m1), full_params(m2)):
+        assert torch.equal(a, b), "resumed weights differ"
 
 
-def check_ddp(rank, world, port):
+def check_ddp(rank, world):
     """Replicated parameters: no communication for masks; the debug check sees agreement."""
     from torch.nn.parallel import DistributedDataParallel as DDP
-    init(rank, world, port)
     try:
         wd.check_replicas = True
         m1, s1, k1 = run("cnn", "worm", "global", "sgd", sharded=False)
@@ -214,7 +214,7 @@ def check_ddp(rank, world, port):
         opt = make_opt(model, "sgd")
         s2 = search_for(model, opt, "cnn", "worm", "global")
         k2: list = []
-        train(model, opt, s2, "cnn", 10, record=k2)
+        train(model, opt, s2, "cnn", 8, record=k2)
         assert s2._shards is None
         assert history(s1) == history(s2) and all(torch.equal(a, b) for a, b in zip(k1, k2))
         for a, b in zip(m1.parameters(), model.module.parameters()):
@@ -230,7 +230,5 @@ def check_ddp(rank, world, port):
             assert "differ across ranks" in str(e)
         else:
             raise AssertionError("the replica check did not fire")
-        dist.barrier()
     finally:
         wd.check_replicas = False
-        dist.destroy_process_group()
