@@ -25,7 +25,7 @@ import time
 import torch
 
 from worm import reference as R
-from worm import _native
+from worm import ops as be
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BERT_QK = (24, 768, 768)
@@ -57,7 +57,10 @@ def rows(device="cpu", sizes=BERT_QK, reps=5, window=3):
     """Measured rows (dicts) for the C++ ops on `device` (CPU only)."""
     if torch.device(device).type != "cpu":
         raise ValueError("bench_native measures the C++ (CPU) ops")
-    be = _native.backend("cpp")
+    # The public ops (checks and routing included), forced onto the C++ kernels.
+    os.environ["WORM_BACKEND"] = "cpp"
+    if be.backend("cpu") != "cpp":
+        raise RuntimeError(f"the C++ ops cannot run: {be.backend_info('cpu')['cpp']}")
     n_t, rows_, cols = sizes
     g = torch.Generator().manual_seed(0)
     ts = [torch.randn(rows_, cols, generator=g) for _ in range(n_t)]

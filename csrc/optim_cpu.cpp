@@ -269,7 +269,7 @@ void sgd_step_cpu(at::TensorList params_, at::TensorList grads_, at::TensorList 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(worm, CPU, m) {
+TORCH_LIBRARY_IMPL(worm_native, CPU, m) {
   m.impl("truncate_", &truncate_cpu);
   m.impl("sgd_step_", &sgd_step_cpu);
 }

@@ -1,5 +1,8 @@
-// The op schemas (torch.ops.worm.*) and the Python module worm._C, which records
-// the torch it was built against so the loader can refuse a stale build.
+// The native kernels' schemas (torch.ops.worm_native.*) and the Python module worm._C,
+// which records the torch it was built against so the loader can refuse a stale build.
+// The public ops torch.ops.worm.* are owned by python/worm/ops.py (schemas, checks,
+// fake kernels); it routes CPU/CUDA calls here when this backend is chosen, so the
+// schemas below must stay identical to the ones declared there.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -10,7 +13,7 @@
 #define WORM_WITH_CUDA 0
 #endif
 
-TORCH_LIBRARY(worm, m) {
+TORCH_LIBRARY(worm_native, m) {
   m.def("select_thresholds(Tensor[] tensors, int[] ks, str scope) -> (Tensor, Tensor)");
   m.def("mask_update_(Tensor[] tensors, Tensor thr, Tensor(a!) window, int head) -> Tensor");
   m.def("truncate_(Tensor(a!)[] grads, Tensor[] keep_bits, float r) -> ()");
@@ -25,7 +28,7 @@ TORCH_LIBRARY(worm, m) {
 
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C",
-                            "worm's native ops; they register as torch.ops.worm.*", -1,
+                            "worm's native kernels, registered as torch.ops.worm_native.*", -1,
                             nullptr};
   PyObject* m = PyModule_Create(&def);
   if (m == nullptr) return nullptr;

@@ -370,7 +370,7 @@ at::Tensor mask_update_cpu(at::TensorList tensors_, const at::Tensor& thr_, cons
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(worm, CPU, m) {
+TORCH_LIBRARY_IMPL(worm_native, CPU, m) {
   m.impl("select_thresholds", &select_thresholds_cpu);
   m.impl("mask_update_", &mask_update_cpu);
 }

@@ -225,6 +225,8 @@ def select_thresholds(tensors, ks, scope):
             nf = torch.empty(T, dtype=torch.int64, device=device)
             _select_small_kernel[(S,)](tab["ptr"], tab["n"], tab["seg"], tab["k"], thr, nf,
                                        DT=C.TL_DTYPE[plan["dtype"]], BLK=BLOCK, num_warps=4)
+            if S > 1:  # NaN/Inf in any segment: every threshold is NaN, as in the reference
+                thr.masked_fill_(nf.sum() > 0, float("nan"))
             return thr, nf
         Tp = T + (T % 2)  # keep the histograms 16-byte aligned
         scratch = torch.zeros(Tp + S * HSTRIDE, dtype=torch.int64, device=device)
@@ -236,6 +238,8 @@ def select_thresholds(tensors, ks, scope):
                     tab[f"ps_{dt}"], hist, nf, PASS=p, NB=nb, HOFF=hoff,
                     DT=C.TL_DTYPE[dt], BLK=plan["blk"], ITERS=plan["iters"], num_warps=8)
         _select_final_kernel[(T,)](tab["segof"], tab["k"], hist, thr, num_warps=4)
+        if S > 1:  # NaN/Inf in any segment: every threshold is NaN, as in the reference
+            thr.masked_fill_(nf.sum() > 0, float("nan"))
     return thr, nf
 
 

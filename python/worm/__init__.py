@@ -1,10 +1,11 @@
 """worm: Early-Bird lottery-ticket search with WORM gradient truncation.
 
-See README.md; the semantics are pinned in shared/METHOD.md and implemented by
-:mod:`worm.reference`, the oracle every kernel is tested against.
+See README.md; the semantics are written down in docs/method.md and implemented by
+:mod:`worm.reference`, the oracle every kernel is tested against. The kernels' contract
+is the ops ``torch.ops.worm.*`` of :mod:`worm.ops` (docs/ops.md).
 """
-from . import reference
-from ._ops import backend, backend_info
+from . import ops, reference
+from .ops import backend, backend_info
 from .optim import WormSGD, truncation_pre_hook
 from .search import EarlyBird, Record
 from .ticket import apply_masks, remove_masks
@@ -13,6 +14,6 @@ from .prune import prune_channels
 __version__ = "0.1.0"
 
 __all__ = [
-    "reference", "backend", "backend_info", "WormSGD", "truncation_pre_hook",
+    "ops", "reference", "backend", "backend_info", "WormSGD", "truncation_pre_hook",
     "EarlyBird", "Record", "apply_masks", "remove_masks", "prune_channels",
 ]

@@ -162,7 +162,10 @@ def main(argv=None) -> int:
         import torch
         from . import backend, backend_info
         for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-            print(f"{dev}: {backend(dev)}")
+            try:
+                print(f"{dev}: {backend(dev)}")
+            except (ValueError, RuntimeError) as e:  # WORM_BACKEND names one that cannot run
+                print(f"{dev}: none ({e})")
             for name, why in backend_info(dev).items():
                 print(f"  {name:10s} {why}")
         return 0
