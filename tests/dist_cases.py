@@ -232,3 +232,35 @@ def check_ddp(rank, world):
             raise AssertionError("the replica check did not fire")
     finally:
         wd.check_replicas = False
+
+
+def check_wormsgd_equals_sgd_with_hooks(rank, world):
+    """WormSGD's fused step on FSDP2 shards == torch.optim.SGD after a truncating grad hook."""
+    r = 0.25
+    models, opts = [], []
+    for cls in (worm.WormSGD, torch.optim.SGD):
+        model = shard(KINDS["transformer"][0]())
+        models.append(model)
+        opts.append(cls(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True))
+    # keep-masks in the params' own placement: a pattern over the full shape, sharded alike
+    masks = []
+    for model in models:
+        ms = {}
+        for p in model.parameters():
+            full = (torch.arange(p.numel()).reshape(p.shape) % 3) != 0
+            ms[p] = wd.distribute_like(full, p)
+        masks.append(ms)
+    opts[0].set_truncation(masks[0], r=r)
+    for i in range(4):
+        x, y = batch("transformer", i)
+        for model, opt, ms in zip(models, opts, masks):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if not isinstance(opt, worm.WormSGD):  # the hook, by hand on the sharded grads
+                for p, m in ms.items():
+                    p.grad.mul_(torch.where(m, torch.ones((), dtype=p.dtype),
+                                            torch.full((), r, dtype=p.dtype)))
+            opt.step()
+    for a, b in zip(full_params(models[0]), full_params(models[1])):
+        assert torch.equal(a, b), "WormSGD on FSDP2 differs from SGD + hooks"

@@ -34,9 +34,11 @@ CASES = {
 
 # One process group per world size: spawning costs more than the checks.
 def test_fsdp2_on_2_ranks_equals_one_process_resumes_with_dcp_and_ddp_agrees(tmp_path):
+    # also: WormSGD's fused step on the shards == torch.optim.SGD + a truncating hook
     _spawn(2, [("check_equal_to_one_process", (CASES[2],)),
                ("check_resume", (str(tmp_path / "ckpt"),)),  # torch.distributed.checkpoint
-               ("check_ddp", ())])                           # replicated: no communication
+               ("check_ddp", ()),                            # replicated: no communication
+               ("check_wormsgd_equals_sgd_with_hooks", ())])
 
 
 def test_fsdp2_on_4_ranks_equals_one_process():

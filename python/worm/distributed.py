@@ -41,7 +41,7 @@ import torch
 from . import _ops
 from . import reference as _ref
 
-__all__ = ["is_dtensor", "local", "local_numel", "plan", "ShardedSet", "full_masks",
+__all__ = ["is_dtensor", "local", "local_numel", "plan", "ShardedSet", "full_masks", "distribute_like",
            "kth_smallest", "check_replicas", "replicas_agree", "sgd_step_",
            "RADIX_BITS", "bytes_per_sample", "counter_dtype"]
 
@@ -407,6 +407,20 @@ def _unpack_rows(packed: torch.Tensor, width: int) -> torch.Tensor:
     w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(-1) & w) != 0
     return bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :width]
+
+
+def distribute_like(full: torch.Tensor, p) -> torch.Tensor:
+    """``full`` (a tensor of ``p``'s full shape, the same on every rank) placed like DTensor ``p``.
+
+    The local piece is cut, not communicated; for masks built by hand for
+    ``WormSGD.set_truncation`` on FSDP2 parameters.
+    """
+    from torch.distributed.tensor import DTensor
+    if tuple(full.shape) != tuple(p.shape):
+        raise ValueError(f"distribute_like: shape {tuple(full.shape)} is not the parameter's {tuple(p.shape)}")
+    _, _, (a, b) = _shard_layout(p)
+    return DTensor.from_local(full[a:b].to(local(p).device), p.device_mesh, p.placements,
+                              run_check=False, shape=p.shape, stride=p.stride())
 
 
 def full_masks(masks: Optional[dict]) -> Optional[dict]:
