@@ -88,7 +88,7 @@ def _timed_worker(rank, world, port, names, reps, q):
             t0 = time.perf_counter()
             search.step()
             ts.append(time.perf_counter() - t0)
-        payload = search._shards.bytes_reduced // reps
+        payload = search._window.bytes_reduced // reps
 
         # the gather-based way: every rank all-gathers every shard, then selects alone
         ring = torch.zeros(WINDOW, sum((p.numel() + 7) // 8 for p in params), dtype=torch.uint8)

@@ -514,7 +514,7 @@ def test_sgd_step_mixed_dtypes_in_one_call(impl):
     wbufs = R.sgd_step_(want, [x.cpu() for x in gs], [None] * 3, [b.cpu() for b in bits], **hp)
     for p, w, b, wb, x in zip(ps, want, bufs, wbufs, gs):
         assert b.dtype == p.dtype
-        assert_close_step(p, w, w, x.float().abs() + wb.float().abs(), p.dtype)
+        assert_close_step(p.cpu(), w, w, x.cpu().float().abs() + wb.float().abs(), p.dtype)
 
 
 @with_impls()

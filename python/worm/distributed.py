@@ -19,7 +19,7 @@ are DTensors sharded on dim 0 (``fully_shard``) is searched where it lives:
 * **Placement**: masks come back as DTensors in their parameter's placement
   (:func:`full_masks` gathers them on request); truncation bits are the packed
   local masks, so optimizers run on local shards (:func:`local`, :func:`sgd_step_`).
-* **Resume**: :meth:`ShardedSet.window_state` turns the ring into one uint8 DTensor
+* **Resume**: :meth:`ShardedMaskWindow.state` turns the ring into one uint8 DTensor
   per parameter (``[l, rows, ceil(row/8)]``, sharded like the parameter's rows), the
   form ``torch.distributed.checkpoint`` saves and loads shard by shard.
 
@@ -38,10 +38,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _ops
+from . import ops
 from . import reference as _ref
+from .window import MaskWindow
 
-__all__ = ["is_dtensor", "local", "local_numel", "plan", "ShardedSet", "full_masks", "distribute_like",
+__all__ = ["is_dtensor", "local", "local_numel", "sharded_window", "ShardedMaskWindow", "full_masks",
+           "distribute_like", "check_replicated_window",
            "kth_smallest", "check_replicas", "replicas_agree", "sgd_step_",
            "RADIX_BITS", "bytes_per_sample", "counter_dtype"]
 
@@ -252,8 +254,8 @@ def _shard_layout(p) -> tuple:
     return mesh, d, (a, b)
 
 
-def plan(reps) -> Optional["ShardedSet"]:
-    """A :class:`ShardedSet` when the representative set is sharded, else None."""
+def sharded_window(reps, length: int) -> Optional["ShardedMaskWindow"]:
+    """A :class:`ShardedMaskWindow` when the representative set is sharded, else None."""
     flags = [is_dtensor(r.param) for r in reps]
     if not any(flags):
         return None
@@ -262,13 +264,26 @@ def plan(reps) -> Optional["ShardedSet"]:
         raise ValueError(f"the representative set mixes sharded (DTensor) and plain tensors "
                          f"({', '.join(plain[:3])} are plain): shard all of them (fully_shard "
                          "the root module too) or none")
-    return ShardedSet(reps)
+    return ShardedMaskWindow(reps, length)
 
 
-class ShardedSet:
-    """The local side of a representative set sharded over a device mesh."""
+class ShardedMaskWindow(MaskWindow):
+    """A :class:`worm.window.MaskWindow` over the local shards of a sharded set.
 
-    def __init__(self, reps):
+    The ring holds this rank's entries only (``ring``: uint8 [l, local bytes]); the
+    counts :meth:`push` returns are summed over the ranks, so :meth:`distances` (and
+    the decision) are the whole set's. :meth:`masks` gives DTensors placed like their
+    parameters; :meth:`truncation_bits` the packed bits of each local shard.
+    """
+
+    def __init__(self, reps, length: int):
+        if int(length) != length or length < 2:
+            raise ValueError(f"window must be an integer >= 2 (distances need an older mask), "
+                             f"got {length!r}")
+        if length > ops.MAX_WINDOW:
+            raise ValueError(f"window must be at most {ops.MAX_WINDOW}, got {length!r}")
+        self.length = int(length)
+        self.count = 0
         self.reps = list(reps)
         layouts = [_shard_layout(r.param) for r in self.reps]
         mesh, d, _ = layouts[0]
@@ -283,18 +298,15 @@ class ShardedSet:
         self.device = local(self.reps[0].param).device
         self.params = list(dict.fromkeys(r.param for r in self.reps))  # unique, in order
         self.numels = [r.numel for r in self.reps]  # global entries per tensor
+        self.numel = sum(self.numels)
+        self.ring = torch.zeros(self.length, self.offsets[-1], dtype=torch.uint8, device=self.device)
         self.bytes_reduced = 0  # running count of all-reduce payload bytes (for benchmarks)
 
     # ---------------------------------------------------------------- sampling
-    def new_ring(self, window: int) -> torch.Tensor:
-        return torch.zeros(window, self.offsets[-1], dtype=torch.uint8, device=self.device)
-
-    def _segment(self, ring, row: int, i: int) -> torch.Tensor:
-        return ring[row, self.offsets[i]:self.offsets[i + 1]]
-
-    def sample(self, ring: torch.Tensor, head: int, ks, scope: str) -> torch.Tensor:
-        """New mask into ``ring[head]``; returns the global XOR counts per row (int64 [l])."""
+    def push(self, ks, scope: str) -> torch.Tensor:
+        """New mask into the oldest row; the XOR counts per row, summed over ranks (int64 [l])."""
         dist = _dist()
+        ring, head = self.ring, self.count % self.length
         tensors = [lr.contiguous_values() for lr in self.local]
         scores = [t.float().abs() for t in tensors]
         nonfinite = torch.stack([(~torch.isfinite(s)).sum() for s in scores])
@@ -312,36 +324,37 @@ class ShardedSet:
         thr = thr.expand(len(tensors)) if scope == "global" else thr
         here = [i for i, t in enumerate(tensors) if t.numel() > 0]
         if here:
-            counts = _ops.resolve(self.device).mask_update_(
-                [tensors[i] for i in here], thr[here].contiguous(), ring, head)
+            counts = ops.mask_update_([tensors[i] for i in here], thr[here].contiguous(), ring, head)
         else:  # an empty shard holds no bits; its (empty) row is trivially the new mask
             counts = torch.zeros(ring.shape[0], dtype=torch.int64, device=self.device)
         counts = counts.to(torch.int64)
         if _replicated_world() > 1:
             dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.group)
         self.bytes_reduced += 8 * counts.numel()
+        self.count += 1
         return counts
 
     # ------------------------------------------------------------------ masks
-    def local_masks_of_row(self, ring: torch.Tensor, row: int) -> dict:
-        """{param: local-shard-shaped bool keep mask} for a ring row."""
+    def local_masks(self, row: Optional[int] = None) -> dict:
+        """{param: local-shard-shaped bool keep mask} for a row (default: the newest)."""
+        row = self.newest_row() if row is None else row
         out: dict = {}
         for i, lr in enumerate(self.local):
-            keep = _ref.unpack(self._segment(ring, row, i).contiguous(), [lr.shape])[0]
+            keep = _ref.unpack(self.segment(row, i).contiguous(), [lr.shape])[0]
             out[lr.rep.param] = lr.full_local_mask(keep, out.get(lr.rep.param))
         return out
 
-    def masks_of_row(self, ring: torch.Tensor, row: int) -> dict:
+    def masks(self, row: Optional[int] = None) -> dict:
         """{param: bool keep mask as a DTensor placed like its parameter}."""
         from torch.distributed.tensor import DTensor
         return {p: DTensor.from_local(m, p.device_mesh, p.placements, run_check=False,
                                       shape=p.shape, stride=p.stride())
-                for p, m in self.local_masks_of_row(ring, row).items()}
+                for p, m in self.local_masks(row).items()}
 
-    def truncation_bits(self, ring: torch.Tensor, row: int) -> dict:
+    def truncation_bits(self, row: Optional[int] = None) -> dict:
         """{param: packed keep bits of its local shard}; BN biases share their gamma's."""
         bits: dict = {}
-        masks = self.local_masks_of_row(ring, row)
+        masks = self.local_masks(row)
         for lr in self.local:
             packed = _ref.pack([masks[lr.rep.param]]) if local_numel(lr.rep.param) else \
                 torch.zeros(0, dtype=torch.uint8, device=self.device)
@@ -350,10 +363,12 @@ class ShardedSet:
         return bits
 
     # ------------------------------------------------------------- resumption
-    def window_state(self, ring: torch.Tensor) -> dict:
-        """{str(i): uint8 DTensor [l, rows, ceil(row/8)]} per parameter, for DCP."""
+    def state(self) -> dict:
+        """``ring``: {str(i): uint8 DTensor [l, rows, ceil(row/8)]} per parameter, sharded
+        like the parameter's rows (what torch.distributed.checkpoint saves shard by shard)."""
         from torch.distributed.tensor import DTensor, Shard
-        per_row = [self.local_masks_of_row(ring, r) for r in range(ring.shape[0])]
+        ring = self.ring
+        per_row = [self.local_masks(r) for r in range(ring.shape[0])]
         out = {}
         for i, p in enumerate(self.params):
             rows, width = _row_layout(p)
@@ -362,12 +377,13 @@ class ShardedSet:
             shape = (ring.shape[0], rows, _ref.packed_nbytes(width))
             out[str(i)] = DTensor.from_local(loc, p.device_mesh, placements, run_check=False,
                                              shape=shape, stride=(shape[1] * shape[2], shape[2], 1))
-        return out
+        return {"ring": out, "count": self.count}
 
-    def load_window_state(self, ring: torch.Tensor, state: dict) -> None:
-        if set(state) != {str(i) for i in range(len(self.params))}:
-            raise ValueError(f"cannot load search state: window holds {len(state)} parameters, "
-                             f"this search {len(self.params)}")
+    def load(self, state: dict, count: int) -> None:
+        ring = self.ring
+        if not isinstance(state, dict) or set(state) != {str(i) for i in range(len(self.params))}:
+            raise ValueError("cannot load search state: the window was not saved by a search over "
+                             f"the same {len(self.params)} sharded parameters")
         masks = [dict() for _ in range(ring.shape[0])]
         for i, p in enumerate(self.params):
             t = local(state[str(i)])
@@ -385,6 +401,7 @@ class ShardedSet:
                 ring[r].copy_(torch.cat([_ref.pack([m]) if m.numel() else
                                          torch.zeros(0, dtype=torch.uint8, device=ring.device)
                                          for m in new]))
+        self.count = int(count)
 
 
 def _row_layout(p) -> tuple:
@@ -446,9 +463,15 @@ def replicas_agree(row: torch.Tensor, thr: Optional[torch.Tensor] = None) -> boo
     return bool(torch.equal(lo, hi))
 
 
-def check_replicated_sample(row: torch.Tensor, thr: torch.Tensor) -> None:
-    """Debug check (``check_replicas``): raise if the ranks' masks disagree."""
-    if check_replicas and not replicas_agree(row, thr):
+def check_replicated_window(window) -> None:
+    """Debug check (``check_replicas``): raise if the ranks' newest masks disagree.
+
+    For replicated (DDP) parameters, whose search runs on each rank with no
+    communication; a sharded window is exact by construction and is not checked.
+    """
+    if not check_replicas or isinstance(window, ShardedMaskWindow) or window.count == 0:
+        return
+    if not replicas_agree(window.ring[window.newest_row()]):
         raise RuntimeError("replicated parameters differ across ranks: the ranks sampled "
                            "different masks (are the parameters really replicated, as in DDP?)")
 

@@ -1,6 +1,6 @@
 """WormSGD and gradient truncation for any optimizer.
 
-Truncation (METHOD.md): while on, every optimizer step first multiplies the gradient
+Truncation (docs/method.md): while on, every optimizer step first multiplies the gradient
 of each entry that the newest mask prunes by ``r``; weight decay and momentum then
 act as usual. It behaves exactly like a gradient hook.
 
@@ -217,7 +217,7 @@ class GradTruncation:
 
     The hook multiplies, in place and in one multi-tensor pass, the gradients of the
     pruned entries by ``r`` just before the optimizer's step: the gradient-hook
-    semantics of METHOD.md, with no per-parameter Python hooks.
+    semantics of docs/method.md, with no per-parameter Python hooks.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
