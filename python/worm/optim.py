@@ -58,6 +58,9 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 from . import _ops
 from . import reference as _ref
+from .distributed import is_dtensor as _is_dtensor
+from .distributed import local as _local
+from .distributed import sgd_step_ as _sgd_step_on_shards
 
 __all__ = ["WormSGD", "GradTruncation", "truncation_pre_hook", "truncated"]
 
@@ -91,15 +94,16 @@ def _pack_masks(masks: Dict[torch.Tensor, torch.Tensor], known: set, owner: str)
                              f"its parameter's {tuple(p.shape)}")
         if m.device != p.device:
             raise ValueError(f"{owner}: keep mask on {m.device} but its parameter on {p.device}")
-        bits[p] = _ref.pack([m])
+        bits[p] = _ref.pack([_local(m)])  # DTensor params (FSDP2): bits of the local shard
     return bits
 
 
 def _check_bits(bits: dict, owner: str) -> dict:
     for p, b in bits.items():
-        if b.dtype != torch.uint8 or b.dim() != 1 or b.numel() != _ref.packed_nbytes(p.numel()):
-            raise ValueError(f"{owner}: packed keep bits for a parameter of {p.numel()} entries must be "
-                             f"uint8 [{_ref.packed_nbytes(p.numel())}], got {b.dtype} {tuple(b.shape)}")
+        n = _local(p).numel()  # a DTensor's bits cover its local shard
+        if b.dtype != torch.uint8 or b.dim() != 1 or b.numel() != _ref.packed_nbytes(n):
+            raise ValueError(f"{owner}: packed keep bits for a parameter of {n} entries must be "
+                             f"uint8 [{_ref.packed_nbytes(n)}], got {b.dtype} {tuple(b.shape)}")
         if b.device != p.device:
             raise ValueError(f"{owner}: packed keep bits on {b.device} but parameter on {p.device}")
     return bits
@@ -131,6 +135,15 @@ def truncated(grad: torch.Tensor, keep_bits: torch.Tensor, r: float) -> torch.Te
         return torch.sparse_coo_tensor(idx, vals, grad.shape, is_coalesced=grad.is_coalesced(),
                                        check_invariants=False)
     return _scaled(grad, keep, r)
+
+
+def _truncated_grad(grad, bits, r):
+    """:func:`truncated` for a parameter's gradient; a DTensor's bits cover its local shard."""
+    if not _is_dtensor(grad):
+        return truncated(grad, bits, r)
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(truncated(grad.to_local(), bits, r), grad.device_mesh, grad.placements,
+                              run_check=False, shape=grad.shape, stride=grad.stride())
 
 
 # ------------------------------------------------------------------ owners
@@ -349,9 +362,9 @@ class WormSGD(torch.optim.SGD):
         momentum = group["momentum"]
         for (device, r), params in batches.items():
             bufs = [self.state[p].get("momentum_buffer") if momentum != 0 else None for p in params]
-            new_bufs = backends[device].sgd_step_(
-                params, [p.grad for p in params], bufs, [self._trunc.bits.get(p) for p in params],
-                r=1.0 if r is None else r, lr=group["lr"], weight_decay=group["weight_decay"],
+            new_bufs = _sgd_step_on_shards(  # DTensor params (FSDP2): the op runs on local shards
+                backends[device].sgd_step_, params, [p.grad for p in params], bufs,
+                [self._trunc.bits.get(p) for p in params], r=1.0 if r is None else r, lr=group["lr"], weight_decay=group["weight_decay"],
                 momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
                 maximize=group["maximize"])
             if momentum != 0:
@@ -368,7 +381,7 @@ class WormSGD(torch.optim.SGD):
             if bits is None:
                 grads.append(p.grad)
             else:
-                grads.append(truncated(p.grad, bits, self._trunc.r_of[p]))
+                grads.append(_truncated_grad(p.grad, bits, self._trunc.r_of[p]))
                 raw.append(p.grad)
         momentum = group["momentum"]
         bufs = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
@@ -395,7 +408,7 @@ class WormSGD(torch.optim.SGD):
                 scale = grad_scale.to(g.device)
                 if found_inf is not None:
                     scale = torch.where(found_inf.to(g.device) == 1, torch.ones_like(scale), scale)
-                g.div_(scale)
+                _local(g).div_(scale)
 
     # -------------------------------------------------------------- state dict
     def state_dict(self):
@@ -449,8 +462,10 @@ def _truncate_grads(st: _TruncationState) -> None:
     batches: dict = {}
     backends: dict = {}
     for p, bits in st.bits.items():
-        g = p.grad
-        if g is None:
+        if p.grad is None:
+            continue
+        g = _local(p.grad)  # FSDP2: truncate the local shard in place
+        if g.numel() == 0:
             continue
         r = st.r_of[p]
         if (g.dtype in _KERNEL_DTYPES and g.layout == torch.strided and g.is_contiguous()

@@ -25,11 +25,13 @@ class RepTensor:
 
     @property
     def shape(self) -> torch.Size:
-        return self.values().shape
+        if self.index is not None:  # on a meta tensor: slicing a sharded DTensor would gather it
+            return torch.empty(self.param.shape, device="meta")[self.index].shape
+        return self.param.shape
 
     @property
     def numel(self) -> int:
-        return self.values().numel()
+        return self.shape.numel()
 
     def values(self) -> torch.Tensor:
         """The entries, detached; a view when ``index`` is None or row-contiguous."""

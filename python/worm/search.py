@@ -14,6 +14,7 @@ truncation bits go to the optimizer (:class:`worm.WormSGD`, or a step pre-hook).
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import distributed as _dist
 from . import reference as _ref
 from .decision import MODES, decide, summarize
 from .layers import select
@@ -116,7 +118,8 @@ class EarlyBird:
         else:
             self._ks = [_ref.num_pruned(n, self.prune_ratio) for n in numels]
         self.device = self.reps[0].param.device
-        self._window = MaskWindow(self.reps, window, self.device)
+        # FSDP2-sharded sets get a window over their local shards (worm.distributed)
+        self._window = _dist.sharded_window(self.reps, window) or MaskWindow(self.reps, window, self.device)
         self.window = self._window.length
         self._opt_steps = 0
         self.found = False
@@ -176,6 +179,7 @@ class EarlyBird:
         saved = w.ring[head].clone()  # a failed step leaves the window as it was
         try:
             dists = w.distances(w.push(self._ks, self.scope))
+            _dist.check_replicated_window(w)  # DDP, debug only: do the ranks agree?
             found, truncating = decide(dists, mode=self.mode, stop=self.stop,
                                        delta=self.delta, truncating=self.truncating)
             self._apply_truncation(truncating)
@@ -202,7 +206,11 @@ class EarlyBird:
 
     @property
     def ticket(self) -> Optional[dict]:
-        """The ticket (the newest mask) once found, else None."""
+        """The ticket (the newest mask) once found, else None.
+
+        On an FSDP2-sharded set the masks are DTensors placed like their parameters;
+        ``worm.distributed.full_masks(search.ticket)`` gathers full tensors.
+        """
         return self.mask if self.found else None
 
     @property
@@ -228,9 +236,13 @@ class EarlyBird:
                 "shapes": [list(rep.shape) for rep in self.reps]}
 
     def state_dict(self) -> dict:
+        history = [asdict(h) for h in self.history]
+        if isinstance(self._window, _dist.ShardedMaskWindow):
+            # torch.distributed.checkpoint wants a fixed key set: a growing list goes as text
+            history = json.dumps(history)
         return {"version": 1, "config": self._config(), **self._window.state(),
                 "opt_steps": self._opt_steps, "found": self.found,
-                "truncating": self.truncating, "history": [asdict(h) for h in self.history]}
+                "truncating": self.truncating, "history": history}
 
     def load_state_dict(self, sd: dict) -> None:
         mine = self._config()
@@ -257,7 +269,8 @@ class EarlyBird:
         stop = _finite("stop (s)", theirs["stop"], 0.0, lo_ok=False)
         delta = _finite("delta", theirs["delta"], 0.0, lo_ok=True)
         r = _check_r(theirs["r"])
-        history = [Record(**h) for h in sd["history"]]
+        history = sd["history"]
+        history = [Record(**h) for h in (json.loads(history) if isinstance(history, str) else history)]
         opt_steps, found, truncating = int(sd["opt_steps"]), bool(sd["found"]), bool(sd["truncating"])
         w = self._window
         old_ring, old_count, old_r = w.ring.clone(), w.count, self.r
