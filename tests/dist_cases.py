@@ -235,13 +235,19 @@ def check_ddp(rank, world):
 
 
 def check_wormsgd_equals_sgd_with_hooks(rank, world):
-    """WormSGD's fused step on FSDP2 shards == torch.optim.SGD after a truncating grad hook."""
+    """WormSGD on FSDP2 shards == torch.optim.SGD after a truncating grad hook: its fused
+    step (default flags) and torch's own path on the truncated shards (foreach=True)."""
+    for flags in ({}, {"foreach": True}):
+        _wormsgd_equals_sgd_with_hooks(flags)
+
+
+def _wormsgd_equals_sgd_with_hooks(flags):
     r = 0.25
     models, opts = [], []
     for cls in (worm.WormSGD, torch.optim.SGD):
         model = shard(KINDS["transformer"][0]())
         models.append(model)
-        opts.append(cls(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True))
+        opts.append(cls(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True, **flags))
     # keep-masks in the params' own placement: a pattern over the full shape, sharded alike
     masks = []
     for model in models:
@@ -263,4 +269,4 @@ def check_wormsgd_equals_sgd_with_hooks(rank, world):
                                             torch.full((), r, dtype=p.dtype)))
             opt.step()
     for a, b in zip(full_params(models[0]), full_params(models[1])):
-        assert torch.equal(a, b), "WormSGD on FSDP2 differs from SGD + hooks"
+        assert torch.equal(a, b), f"WormSGD{flags} on FSDP2 differs from SGD + hooks"
