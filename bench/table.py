@@ -127,7 +127,8 @@ def _backend_rows(add, ts, grads, bufs, bits, k, n, device, triton_ok, kw):
             add("truncate", f"{name} backend", lambda be=be: be.truncate_(grads, bits, 3e-3),
                 n * 8 + n // 8, why)
             add("trunc+sgd", f"{name} backend",
-                lambda be=be: be.sgd_step_(ts, grads, bufs, bits, **kw), n * 4 * 5 + n // 8, why)
+                lambda be=be: be.sgd_step_(ts, grads, bufs, [0] * len(ts), bits, **kw),
+                n * 4 * 5 + n // 8, why)
     add("read scores", "foreach L1 norm", lambda: torch._foreach_norm(ts, 1), n * 4)
 
 

@@ -108,9 +108,10 @@ def test_backend_prints_a_backend(capsys):
     assert worm.backend("cpu") in ("triton", "cpp", "cuda", "reference")
 
 
-def test_text_csv_task_without_csv_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="--csv"):
+def test_text_csv_task_without_csv_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         cli.main(["compare", "--task", "csv", "--quiet", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "--csv" in capsys.readouterr().err
 
 
 def test_unknown_subcommand_and_dataset_are_rejected(tmp_path):

@@ -54,7 +54,8 @@ def test_l1_zero_is_exactly_the_plain_step(hyper):
     a, b = _model(), _model()
     _train(a, torch.optim.SGD(a.parameters(), lr=0.1, **hyper))
     opt = worm.WormSGD(b.parameters(), lr=0.1, **hyper)
-    worm.EarlyBird(b, opt, mode="eb", l1=0.0)
+    search = worm.EarlyBird(b, opt, mode="eb", l1=0.0)
+    assert not opt._trunc.penalised
     _train(b, opt)
     _same(a, b)
 
@@ -70,11 +71,11 @@ def test_l1_equals_sgd_with_gradient_hooks_reference(hyper, truncating, monkeypa
     opt = worm.WormSGD(b.parameters(), lr=0.1, **hyper)
     search = worm.EarlyBird(b, opt, mode="worm", l1=l1)
     if truncating:
-        opt.set_truncation({b[1].weight: keep, b[1].bias: keep}, r=3e-3)
+        search._truncation.set({b[1].weight: keep, b[1].bias: keep}, r=3e-3)
     _train(b, opt)
     _same(a, b)
     search.close()  # the penalty goes with the search
-    assert not opt._penalty.active
+    assert not opt._trunc.penalised
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -88,8 +89,9 @@ def test_l1_on_the_fused_path_matches_the_reference(backend, monkeypatch):
     _train(a, torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2))
     monkeypatch.setenv("WORM_BACKEND", backend)
     opt = worm.WormSGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
-    worm.EarlyBird(b, opt, mode="worm", l1=l1)
-    opt.set_truncation({b[1].weight: keep, b[1].bias: keep, b[0].weight: torch.ones_like(b[0].weight, dtype=torch.bool)}, r=3e-3)
+    search = worm.EarlyBird(b, opt, mode="worm", l1=l1)
+    search._truncation.set({b[1].weight: keep, b[1].bias: keep}, r=3e-3)
+    opt.set_truncation({b[0].weight: torch.ones_like(b[0].weight, dtype=torch.bool)}, r=3e-3)  # composes
     called = []
     real = worm._ops.resolve
     monkeypatch.setattr(worm._ops, "resolve", lambda d=None: called.append(1) or real(d))

@@ -1,4 +1,5 @@
-"""Fused Triton kernels for worm (the "triton" backend of :mod:`worm._ops`).
+"""Fused Triton kernels for worm: the "triton" implementation of ``torch.ops.worm.*``
+(:mod:`worm.ops`, docs/ops.md; chosen per device by :mod:`worm._backends`).
 
 One file per op, each holding its kernel(s) and launcher; semantics are those of
 :mod:`worm.reference`. Importing fails with ImportError when Triton is missing.

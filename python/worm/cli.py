@@ -8,31 +8,54 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 TEXT_TASKS = ("minilm-rt", "csv")
+# The CSV's test split: this share of its rows, held out (--test-share).
+CSV_TEST_SHARE = 0.2
+# Examples per split for the text study unless --n-train/--n-test say otherwise.
+TEXT_N = 256
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad input ends in one line on stderr (exit 2), never a traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False, what=""):
+    """An argparse type: ``kind`` (int/float), finite, within [lo, hi] (open ends as told)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if (lo is not None and (v < lo or (lo_open and v == lo))) or \
+                (hi is not None and (v > hi or (hi_open and v == hi))):
+            left = "any" if lo is None else f"{'(' if lo_open else '['}{lo}"
+            right = "" if hi is None else f"{hi}{')' if hi_open else ']'}"
+            rng = f"{left}, {right or 'inf)'}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {rng}{f' ({what})' if what else ''}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_POS_INT = _number(int, 1)
+_NONNEG_INT = _number(int, 0)
+_POS_FLOAT = _number(float, 0, lo_open=True)
+_NONNEG_FLOAT = _number(float, 0)
 
 # Paper defaults: CNN s 0.1, delta 0.05, window 5; BERT s 0.01, delta 0.005, window 3.
 CNN_DEFAULTS = {"stop": 0.1, "delta": 0.05, "window": 5, "l1": 1e-4}
 TEXT_DEFAULTS = {"stop": 0.01, "delta": 0.005, "window": 3}
-
-
-def _l1(v: str) -> float:
-    x = float(v)
-    if not (0 <= x < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {v}")
-    return x
-
-
-def _floor(v: str) -> float:
-    x = float(v)
-    if not (0 <= x < 1):
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (largest share of a layer's channels "
-                                         f"that may go), got {v}")
-    return x
 
 
 def _add_common(p: argparse.ArgumentParser, text: bool) -> None:
@@ -42,29 +65,33 @@ def _add_common(p: argparse.ArgumentParser, text: bool) -> None:
     g.add_argument("--model", default="cnn",
                    help="cnn | resnet18 | vgg11_bn (built in, 32x32), or a torchvision model name "
                         "built with random weights: mobilenet_v3_small, efficientnet_b0, "
-                        "regnet_x_400mf, densenet121; torchvision.NAME picks torchvision even for resnet18 (default: cnn)")
-    g.add_argument("--width", type=float, default=None,
+                        "regnet_x_400mf, densenet121; torchvision.NAME picks torchvision even for "
+                        "resnet18 (default: cnn)")
+    g.add_argument("--width", type=_POS_FLOAT, default=None,
                    help="channel width multiplier (default 2.0 for cnn, 1.0 otherwise)")
-    g.add_argument("--train-subset", type=int, default=None, help="use N training images (seeded, stratified)")
-    g.add_argument("--test-subset", type=int, default=None, help="use N test images")
+    g.add_argument("--train-subset", type=_POS_INT, default=None, help="use N training images (seeded, stratified)")
+    g.add_argument("--test-subset", type=_POS_INT, default=None, help="use N test images")
     g = p.add_argument_group("training")
-    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    g.add_argument("--max-epochs", type=int, default=None, help="search epochs at most (CNN default 30)")
-    g.add_argument("--retrain-epochs", type=int, default=None, help="retraining epochs after pruning (CNN default 3)")
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None, help="CNN: SGD lr, static (default 0.01)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--seeds", type=_NONNEG_INT, nargs="+", default=[0, 1, 2])
+    g.add_argument("--max-epochs", type=_POS_INT, default=None, help="search epochs at most (CNN default 30)")
+    g.add_argument("--retrain-epochs", type=_NONNEG_INT, default=None,
+                   help="retraining epochs after pruning (CNN default 3)")
+    g.add_argument("--batch-size", type=_POS_INT, default=None)
+    g.add_argument("--lr", type=_POS_FLOAT, default=None, help="CNN: SGD lr, static (default 0.01)")
+    g.add_argument("--momentum", type=_NONNEG_FLOAT, default=0.9)
+    g.add_argument("--threads", type=_POS_INT, default=None, help="torch CPU threads")
     g = p.add_argument_group("search (paper defaults)")
-    g.add_argument("--prune-ratio", type=float, default=0.5)
-    g.add_argument("--window", type=int, default=None, help="5 for CNNs, 3 for text")
-    g.add_argument("--stop", type=float, default=None, help="s: 0.1 for CNNs, 0.01 for text")
-    g.add_argument("--delta", type=float, default=None, help="0.05 for CNNs, 0.005 for text")
-    g.add_argument("--r", type=float, default=3e-3, help="truncation factor r (default 3e-3)")
-    g.add_argument("--l1", type=_l1, default=None,
+    g.add_argument("--prune-ratio", type=_number(float, 0, 1, hi_open=True), default=0.5)
+    g.add_argument("--window", type=_number(int, 2, what="distances need an older mask"), default=None,
+                   help="5 for CNNs, 3 for text")
+    g.add_argument("--stop", type=_POS_FLOAT, default=None, help="s: 0.1 for CNNs, 0.01 for text")
+    g.add_argument("--delta", type=_NONNEG_FLOAT, default=None, help="0.05 for CNNs, 0.005 for text")
+    g.add_argument("--r", type=_NONNEG_FLOAT, default=3e-3, help="truncation factor r (default 3e-3)")
+    g.add_argument("--l1", type=_NONNEG_FLOAT, default=None,
                    help="CNN: network-slimming penalty on the BN gammas, both arms (default 1e-4, "
                         "Early-Bird's recipe; 0 = off)")
-    g.add_argument("--floor", type=_floor, default=None,
+    g.add_argument("--floor", type=_number(float, 0, 1, hi_open=True, what="largest share of a layer's "
+                                           "channels that may go"), default=None,
                    help="CNN: per-layer floor when pruning the global ticket: no layer loses more "
                         "than this share of its channels (Torch-Pruning's max_pruning_ratio; "
                         "default off, as Early-Bird)")
@@ -72,26 +99,80 @@ def _add_common(p: argparse.ArgumentParser, text: bool) -> None:
         g = p.add_argument_group("text (the paper's BERT study)")
         g.add_argument("--task", default=None, choices=TEXT_TASKS,
                        help="minilm-rt: all-MiniLM-L6-v2 on Rotten Tomatoes; csv: your --csv file")
-        g.add_argument("--csv", default=None, help="CSV with text,label columns (with --task csv)")
-        g.add_argument("--n-train", type=int, default=None)
-        g.add_argument("--n-test", type=int, default=None)
-        g.add_argument("--every", type=int, default=None,
+        g.add_argument("--csv", default=None, help="CSV with a text and a label column (with --task csv)")
+        g.add_argument("--text-col", default="text", help="--task csv: the text column (default text)")
+        g.add_argument("--label-col", default="label", help="--task csv: the label column (default label)")
+        g.add_argument("--test-share", type=_number(float, 0, 1, lo_open=True, hi_open=True), default=None,
+                       help=f"--task csv: share of the rows held out as the test split (default {CSV_TEST_SHARE})")
+        g.add_argument("--n-train", type=_POS_INT, default=None,
+                       help=f"training examples (default {TEXT_N}; a CSV: at most its training split)")
+        g.add_argument("--n-test", type=_POS_INT, default=None,
+                       help=f"test examples (default {TEXT_N}; a CSV: at most its test split, see --test-share)")
+        g.add_argument("--every", type=_NONNEG_INT, default=None,
                        help="text: sample every N optimizer steps; 0 = at each epoch end (the paper)")
     p.add_argument("--out", default=None, help="output folder (default worm-runs/<kind>-<data>-<time>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="worm", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+    ap = _Parser(prog="worm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"worm {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("compare", help="EB Train vs WORM from the same initialisation, several seeds")
     _add_common(p, text=True)
     p = sub.add_parser("sweep-r", help="truncation from the first epoch for several r (Table 1)")
     _add_common(p, text=False)
-    p.add_argument("--rs", type=float, nargs="+", default=[1.0, 0.5, 0.1, 0.05, 0.01])
+    p.add_argument("--rs", type=_NONNEG_FLOAT, nargs="+", default=[1.0, 0.5, 0.1, 0.05, 0.01])
     sub.add_parser("backend", help="which kernel backend runs on this machine")
+    ap.commands = sub.choices  # name -> subparser, for errors found after parsing
     return ap
+
+
+def _given(value, default):
+    """The flag's value when given (0 included: never ``value or default``)."""
+    return default if value is None else value
+
+
+def _check_text_flags(ap, a) -> None:
+    """Text-task flag combinations, refused before any slow import or training."""
+    csv_only = [f for f, v in (("--csv", a.csv), ("--test-share", a.test_share)) if v is not None]
+    csv_only += [f for f, v, d in (("--text-col", a.text_col, "text"), ("--label-col", a.label_col, "label"))
+                 if v != d]
+    if a.task != "csv" and csv_only:
+        ap.error(f"{', '.join(csv_only)} {'go' if len(csv_only) > 1 else 'goes'} only with --task csv")
+    if a.task == "csv" and not a.csv:
+        ap.error("--task csv needs --csv PATH (a CSV with a text and a label column)")
+    if a.task is not None and (a.l1 is not None or a.floor is not None):
+        ap.error("--l1 and --floor apply to CNN runs, not --task")
+    if a.task is None:
+        text_only = [f for f, v in (("--n-train", a.n_train), ("--n-test", a.n_test), ("--every", a.every))
+                     if v is not None]
+        if text_only:
+            ap.error(f"{', '.join(text_only)} {'go' if len(text_only) > 1 else 'goes'} only with "
+                     "--task (the text study)")
+
+
+def _csv_sizes(ap, a) -> tuple:
+    """(n_train, n_test) for --task csv: the defaults shrunk to the CSV's splits, and the
+    flags checked against them, so a small CSV runs and a too-big ask is one line."""
+    from .text import load_csv
+    share = a.test_share if a.test_share is not None else CSV_TEST_SHARE
+    try:
+        train, test = load_csv(a.csv, a.text_col, a.label_col, test_share=share)
+    except (OSError, ValueError) as e:
+        ap.error(f"--csv {a.csv}: {e}")
+    sizes = []
+    for flag, n, pool, what in (("--n-train", a.n_train, len(train), "training"),
+                                ("--n-test", a.n_test, len(test), "test")):
+        if n is not None and n > pool:
+            ap.error(f"{flag} {n} does not fit: the CSV's {what} split holds {pool} rows "
+                     f"(--test-share {share} of {len(train) + len(test)} rows)")
+        sizes.append(n if n is not None else min(TEXT_N, pool))
+    if min(sizes) == 0:
+        ap.error(f"--csv {a.csv}: the {'training' if sizes[0] == 0 else 'test'} split is empty "
+                 f"(--test-share {share} of {len(train) + len(test)} rows); change --test-share")
+    return tuple(sizes)
 
 
 def _cnn_config(a):
@@ -101,10 +182,10 @@ def _cnn_config(a):
         dataset=a.dataset, model=a.model,
         width=a.width if a.width is not None else default_width(a.model), train_subset=a.train_subset,
         test_subset=a.test_subset, data_root=a.data_root, seeds=tuple(a.seeds),
-        max_epochs=a.max_epochs or d.max_epochs, retrain_epochs=a.retrain_epochs or d.retrain_epochs,
-        batch_size=a.batch_size or d.batch_size, lr=a.lr or d.lr, momentum=a.momentum,
+        max_epochs=_given(a.max_epochs, d.max_epochs), retrain_epochs=_given(a.retrain_epochs, d.retrain_epochs),
+        batch_size=_given(a.batch_size, d.batch_size), lr=_given(a.lr, d.lr), momentum=a.momentum,
         prune_ratio=a.prune_ratio,
-        window=a.window or CNN_DEFAULTS["window"],
+        window=_given(a.window, CNN_DEFAULTS["window"]),
         stop=a.stop if a.stop is not None else CNN_DEFAULTS["stop"],
         delta=a.delta if a.delta is not None else CNN_DEFAULTS["delta"],
         r=a.r, threads=a.threads, progress=not a.quiet,
@@ -137,24 +218,25 @@ def _write(result: dict, out: Path, plots) -> None:
           + ", ".join(str(out / n) for _, n in plots))
 
 
-def _compare(a) -> int:
+def _compare(a, ap) -> int:
+    _check_text_flags(ap, a)
     from .experiments import compare, plot_distances
     if a.task:
-        if a.task == "csv" and not a.csv:  # before any slow import or training
-            raise SystemExit("worm compare --task csv needs --csv PATH (columns text,label)")
-        if a.l1 is not None or a.floor is not None:
-            raise SystemExit("worm compare: --l1 and --floor apply to CNN runs, not --task")
+        n_train, n_test = _csv_sizes(ap, a) if a.task == "csv" else (a.n_train, a.n_test)
         from .experiments_text import plot_losses, run_text_compare
         kw = dict(task=a.task, seeds=tuple(a.seeds), progress=not a.quiet,
-                  window=a.window or TEXT_DEFAULTS["window"],
+                  window=_given(a.window, TEXT_DEFAULTS["window"]),
                   stop=a.stop if a.stop is not None else TEXT_DEFAULTS["stop"],
                   delta=a.delta if a.delta is not None else TEXT_DEFAULTS["delta"],
                   r=a.r, prune_ratio=a.prune_ratio)
-        for key, val in (("n_train", a.n_train), ("n_test", a.n_test), ("max_epochs", a.max_epochs),
+        for key, val in (("n_train", n_train), ("n_test", n_test), ("max_epochs", a.max_epochs),
                          ("batch_size", a.batch_size), ("lr", a.lr),
                          ("retrain_epochs", a.retrain_epochs), ("csv", a.csv)):
             if val is not None:
                 kw[key] = val
+        if a.task == "csv":
+            kw.update(text_col=a.text_col, label_col=a.label_col,
+                      test_share=_given(a.test_share, CSV_TEST_SHARE))
         if a.every is not None:
             kw["every"] = a.every or None  # 0: per epoch
         if a.threads:
@@ -186,7 +268,8 @@ def _sweep(a) -> int:
 
 
 def main(argv=None) -> int:
-    a = _parser().parse_args(argv)
+    ap = _parser()
+    a = ap.parse_args(argv)
     if a.cmd == "backend":
         import torch
         from . import backend, backend_info
@@ -199,7 +282,7 @@ def main(argv=None) -> int:
                 print(f"  {name:10s} {why}")
         return 0
     if a.cmd == "compare":
-        return _compare(a)
+        return _compare(a, ap.commands["compare"])
     return _sweep(a)
 
 

@@ -201,9 +201,10 @@ def _run_method(method: str, seed: int, init_state: dict, model, train: _Encoded
 
 
 def _load_task(task: str, csv: Optional[str], n_train, n_test, split_seed: int,
-               text_col: str, label_col: str):
+               text_col: str, label_col: str, test_share: float = 0.2):
     if csv is not None:
-        return _text.load_csv(csv, text_col, label_col, n_train=n_train, n_test=n_test, seed=split_seed)
+        return _text.load_csv(csv, text_col, label_col, n_train=n_train, n_test=n_test, seed=split_seed,
+                              test_share=test_share)
     if task in ("minilm-rt", "rt", "rotten_tomatoes"):
         return _text.rotten_tomatoes(n_train, n_test, seed=split_seed)
     raise ValueError(f"unknown text task {task!r}: use 'minilm-rt' or pass csv=PATH")
@@ -218,7 +219,7 @@ def run_text_compare(task: str = "minilm-rt", seeds: Sequence[int] = (0, 1, 2),
                      progress: bool = True, threads: Optional[int] = None,
                      prune_ratio: float = PAPER_BERT["prune_ratio"], window: int = PAPER_BERT["window"],
                      stop: float = PAPER_BERT["stop"], delta: float = PAPER_BERT["delta"],
-                     r: float = PAPER_BERT["r"]) -> dict:
+                     r: float = PAPER_BERT["r"], test_share: float = 0.2) -> dict:
     """EB Train vs WORM on MiniLM, same initialisation per seed; see the module docstring.
 
     Returns ``{"task", "config", "runs": [{"seed", "method", ...metrics...}]}``.
@@ -238,7 +239,8 @@ def run_text_compare(task: str = "minilm-rt", seeds: Sequence[int] = (0, 1, 2),
         raise ValueError("max_epochs must be >= 1 and retrain_epochs >= 0")
     if threads is not None:
         torch.set_num_threads(threads)
-    train_set, test_set = _load_task(task, csv, n_train, n_test, split_seed, text_col, label_col)
+    train_set, test_set = _load_task(task, csv, n_train, n_test, split_seed, text_col, label_col,
+                                     test_share)
     num_labels = max(train_set.num_labels, test_set.num_labels)
     model, tok = _text.load_minilm(num_labels=num_labels)
     train, test = _Encoded(train_set, tok, max_len), _Encoded(test_set, tok, max_len)

@@ -1,55 +1,22 @@
 """Which entries are representative: BatchNorm gammas, attention query/key weights, or
 whatever tensors the user names.
 
-A :class:`RepTensor` is one block of representative entries: the whole of a parameter,
-or a slice of it (the Q or K part of a packed QKV weight). The mask taken from a
-``RepTensor`` has the shape of its slice; ``covers`` lists other parameters whose
-gradients the same mask truncates (a BatchNorm's bias, beside its weight).
+Each block of representative entries is a :class:`worm.rep.RepTensor` (re-exported
+here); the transformer layouts live in :mod:`worm.qk`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .qk import qk_reps
+from .rep import RepTensor
+
+__all__ = ["RepTensor", "select", "BN_TYPES"]
+
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-@dataclass(eq=False)
-class RepTensor:
-    """Representative entries living in ``param`` (or in ``param[index]``)."""
-
-    param: torch.Tensor
-    name: str
-    index: Optional[tuple] = None
-    covers: list = field(default_factory=list)
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.values().shape
-
-    @property
-    def numel(self) -> int:
-        return self.values().numel()
-
-    def values(self) -> torch.Tensor:
-        """The entries, detached; a view when ``index`` is None or row-contiguous."""
-        v = self.param.detach()
-        return v if self.index is None else v[self.index]
-
-    def contiguous_values(self) -> torch.Tensor:
-        v = self.values()
-        return v if v.is_contiguous() else v.contiguous()
-
-    def full_mask(self, keep: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``keep`` placed in a param-shaped bool mask (True outside the slice)."""
-        if self.index is None:
-            return keep
-        out = base if base is not None else torch.ones_like(self.param, dtype=torch.bool)
-        out[self.index] = keep
-        return out
 
 
 def _bn_reps(model: nn.Module) -> list:
@@ -100,7 +67,6 @@ def select(model: Optional[nn.Module], layers: LayersSpec) -> list:
         if layers == "bn":
             reps = _bn_reps(model)
         elif layers == "qk":
-            from .qk import qk_reps
             reps = qk_reps(model)
         else:
             raise ValueError(f"layers must be 'bn', 'qk', a callable or a list of tensors; got {layers!r}")

@@ -64,12 +64,17 @@ SCHEMAS = {
 # ------------------------------------------------------------------ the checks
 # Written with torch._check_* so the same code runs in the real kernels (plain bools)
 # and in the fake kernels (symbolic sizes under torch.compile).
+# A plain True (every passing check in a real kernel) skips torch._check, whose
+# symbolic-shape machinery costs microseconds per call on hot paths; a SymBool (a fake
+# kernel under torch.compile) or a failure goes through it.
 def _type(cond, msg):
-    torch._check_type(cond, lambda: f"worm: {msg()}")
+    if cond is not True:
+        torch._check_type(cond, lambda: f"worm: {msg()}")
 
 
 def _value(cond, msg):
-    torch._check_value(cond, lambda: f"worm: {msg()}")
+    if cond is not True:
+        torch._check_value(cond, lambda: f"worm: {msg()}")
 
 
 def _check_weights(ts, what, device):
@@ -138,8 +143,10 @@ def check_mask_update(tensors, thr, window, head):
            lambda: f"window has {window.shape[0]} rows; at most {MAX_WINDOW}")
     _value(window.device == dev, lambda: f"window is on {window.device}, the tensors on {dev}")
     _check_contiguous(window, "window")
-    torch._check_index(0 <= head < window.shape[0],
-                       lambda: f"worm: head={head} outside the window's {window.shape[0]} rows")
+    ok = 0 <= head < window.shape[0]
+    if ok is not True:
+        torch._check_index(ok,
+                           lambda: f"worm: head={head} outside the window's {window.shape[0]} rows")
 
 
 def check_truncate(grads, keep_bits, r):

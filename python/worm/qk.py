@@ -30,7 +30,7 @@ from typing import Optional
 
 from torch import nn
 
-from .layers import RepTensor
+from .rep import RepTensor
 
 __all__ = ["qk_reps"]
 

@@ -1,6 +1,6 @@
 """The pure-PyTorch reference: the oracle every kernel (Triton, C++, CUDA) is held to.
 
-Semantics are those of ``shared/METHOD.md``; nothing here is tuned for speed.
+Semantics are those of docs/method.md and docs/ops.md; nothing here is tuned for speed.
 
 Conventions shared with every backend
 -------------------------------------
@@ -30,6 +30,9 @@ import math
 from typing import Optional, Sequence
 
 import torch
+
+# The packed layout has its own module; the reference re-exports it for its users.
+from .packing import byte_offsets, pack, packed_nbytes, popcount, unpack
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -127,69 +130,7 @@ def masks(tensors: Sequence[torch.Tensor], prune_ratio: float, scope: str = "glo
     return [t.detach().float().abs() > thr[i] for i, t in enumerate(tensors)]
 
 
-# --------------------------------------------------------------------- packing
-def packed_nbytes(n: int) -> int:
-    return (int(n) + 7) // 8
-
-
-def byte_offsets(numels: Sequence[int]) -> list:
-    """Start byte of each tensor's segment; the last entry is the total size B."""
-    offs = [0]
-    for n in numels:
-        offs.append(offs[-1] + packed_nbytes(n))
-    return offs
-
-
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-def _pack_one(keep: torch.Tensor) -> torch.Tensor:
-    flat = keep.reshape(-1).to(torch.uint8)
-    n = flat.numel()
-    pad = packed_nbytes(n) * 8 - n
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    w = _BIT_WEIGHTS.to(flat.device)
-    return (flat.reshape(-1, 8) * w).sum(dim=1, dtype=torch.uint8)
-
-
-def pack(keep_masks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Pack bool masks into the flat layout described in the module docstring."""
-    keep_masks = list(keep_masks)
-    if not keep_masks:
-        raise ValueError("nothing to pack: the list of masks is empty")
-    for i, m in enumerate(keep_masks):
-        if m.dtype != torch.bool:
-            raise TypeError(f"mask {i} has dtype {m.dtype}; masks are bool (True = keep)")
-    return torch.cat([_pack_one(m) for m in keep_masks])
-
-
-def unpack(packed: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list:
-    """Inverse of :func:`pack` for tensors of the given shapes."""
-    if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise TypeError(f"packed masks are 1-D uint8, got {packed.dtype} with shape {tuple(packed.shape)}")
-    numels = [math.prod(s) for s in shapes]
-    offs = byte_offsets(numels)
-    if packed.numel() != offs[-1]:
-        raise ValueError(f"packed mask has {packed.numel()} bytes; shapes {list(shapes)} need {offs[-1]}")
-    w = _BIT_WEIGHTS.to(packed.device)
-    out = []
-    for i, (shape, n) in enumerate(zip(shapes, numels)):
-        seg = packed[offs[i]:offs[i + 1]]
-        bits = (seg.reshape(-1, 1) & w) != 0
-        out.append(bits.reshape(-1)[:n].reshape(tuple(shape)))
-    return out
-
-
 # -------------------------------------------------------------------- distance
-_POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-
-
-def popcount(packed: torch.Tensor) -> torch.Tensor:
-    """Number of set bits of a uint8 tensor (int64 scalar tensor)."""
-    return _POPCOUNT8.to(packed.device)[packed.long()].sum()
-
-
 def distance(keep_a, keep_b) -> float:
     """popcount(a XOR b) / N for two masks (bool tensors or lists of them, or packed)."""
     if isinstance(keep_a, torch.Tensor):

@@ -1,4 +1,4 @@
-"""The Early-Bird / WORM ticket search (METHOD.md, "The search").
+"""The Early-Bird / WORM ticket search (docs/method.md, "The search and its trigger").
 
 Three lines in a user's loop::
 
@@ -6,12 +6,16 @@ Three lines in a user's loop::
     ...                              # train one epoch
     if search.step().found: break    # at each sampling point
 
-Masks live bit-packed in a ring buffer of the last ``window`` masks (``window x N/8``
-bytes); each sampling step is one threshold selection and one fused mask-update pass
-on whatever backend runs for the parameters' device (see :mod:`worm._ops`).
+:class:`EarlyBird` is a thin coordinator: the representative set comes from
+:mod:`worm.layers`, the masks live in a :class:`worm.window.MaskWindow` (bit-packed
+ring of the last ``window`` masks; one threshold selection and one fused mask-update
+op per sampling step), the decision is the pure rule of :mod:`worm.decision`, and the
+truncation bits go to the optimizer (:class:`worm.WormSGD`, or a step pre-hook).
 """
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -19,14 +23,29 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _ops
+from . import distributed as _dist
 from . import reference as _ref
+from .decision import MODES, decide, summarize
 from .layers import select
-from .optim import GradTruncation, WormSGD
+from .optim import GradTruncation, _check_r
+from .window import SCORED_DTYPES, MaskWindow
 
 __all__ = ["EarlyBird", "Record"]
 
-MODES = ("worm", "eb", "truncate")
+
+def _finite(name: str, v, lo: float, lo_ok: bool) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v) or v < lo or (v == lo and not lo_ok):
+        raise ValueError(f"{name} must be a finite number {'>=' if lo_ok else '>'} {lo}, got {v!r}")
+    return v
+
+
+def _positive_int(name: str, v, least: int, why: str):
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        raise ValueError(f"{name} must be an integer >= {least} ({why}), got {v!r}")
+    return v
 
 
 @dataclass
@@ -54,12 +73,13 @@ class EarlyBird:
             ``mode="eb"``.
         mode: ``"worm"``, ``"eb"`` (never truncate) or ``"truncate"`` (from the first step).
         layers: ``"bn"``, ``"qk"``, a callable ``model -> tensors`` or a list of tensors.
-        prune_ratio, window, stop, delta, r, scope: METHOD.md's p, l, s, delta, r, scope.
+        prune_ratio, window, stop, delta, r, scope: docs/method.md's p, l, s, delta, r, scope.
         every: sample automatically every ``every`` optimizer steps (a step post-hook);
             None: the caller calls :meth:`step` at each sampling point.
-        l1: network slimming (METHOD.md): ``g += l1 * sign(w)`` on the representative
-            weights at every optimizer step, after truncation, until :meth:`close`.
-            0 (the default) leaves the step exactly as without it.
+        l1: network slimming (EB's recipe, 1e-4 there): ``g = trunc(g) + l1*sign(w)`` on
+            the representative weights at every optimizer step until :meth:`close`
+            (not on BN biases; on Q/K weights when they are the set). 0 (the default)
+            leaves the step exactly as without it.
     """
 
     def __init__(self, model: Optional[nn.Module], optimizer: Optional[torch.optim.Optimizer] = None,
@@ -70,24 +90,32 @@ class EarlyBird:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-        if int(window) != window or window < 2:
-            raise ValueError(f"window must be an integer >= 2 (distances need an older mask), got {window!r}")
-        if not (stop > 0):
-            raise ValueError(f"stop (s) must be > 0, got {stop!r}")
-        if delta < 0:
-            raise ValueError(f"delta must be >= 0, got {delta!r}")
-        if every is not None and (int(every) != every or every < 1):
-            raise ValueError(f"every must be a positive number of optimizer steps or None, got {every!r}")
+        # Every argument is checked here, before anything is built or hooked.
+        window = _positive_int("window", window, 2, "distances need an older mask")
+        stop = _finite("stop (s)", stop, 0.0, lo_ok=False)
+        delta = _finite("delta", delta, 0.0, lo_ok=True)
+        l1 = _finite("l1", l1, 0.0, lo_ok=True)
+        if every is not None:
+            every = _positive_int("every", every, 1, "optimizer steps between samples; None: call step()")
+        if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)):
+            raise TypeError(f"prune_ratio must be a number, got {type(prune_ratio).__name__}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         self.prune_ratio = _ref.check_ratio(prune_ratio)
-        self.mode, self.window, self.stop, self.delta = mode, int(window), float(stop), float(delta)
-        self.r = float(r)
-        self.l1 = float(l1)
-        if not (self.l1 >= 0 and self.l1 != float("inf")):
-            raise ValueError(f"l1 must be a finite penalty >= 0, got {l1!r}")
+        self.mode, self.stop, self.delta = mode, stop, delta
+        self.r = _check_r(r)
+        self.l1 = l1
         self.scope, self.every = scope, every
         self.model, self.optimizer = model, optimizer
 
         self.reps = select(model, layers)
+        for rep in self.reps:
+            if rep.param.dtype not in SCORED_DTYPES or rep.param.is_sparse:
+                raise TypeError(f"representative tensor {rep.name} is {rep.param.dtype}"
+                                f"{' sparse' if rep.param.is_sparse else ''}; masks rank dense "
+                                "fp32/bf16/fp16/fp64 tensors (pass other tensors in layers=)")
         self.params = [rep.param for rep in self.reps]
         numels = [rep.numel for rep in self.reps]
         self.numel = sum(numels)
@@ -95,10 +123,10 @@ class EarlyBird:
             self._ks = [_ref.num_pruned(self.numel, self.prune_ratio)]
         else:
             self._ks = [_ref.num_pruned(n, self.prune_ratio) for n in numels]
-        self._offsets = _ref.byte_offsets(numels)
         self.device = self.reps[0].param.device
-        self._ring = torch.zeros(self.window, self._offsets[-1], dtype=torch.uint8, device=self.device)
-        self._count = 0          # masks pushed so far
+        # FSDP2-sharded sets get a window over their local shards (worm.distributed)
+        self._window = _dist.sharded_window(self.reps, window) or MaskWindow(self.reps, window, self.device)
+        self.window = self._window.length
         self._opt_steps = 0
         self.found = False
         self.truncating = False
@@ -106,22 +134,34 @@ class EarlyBird:
 
         self._truncation = None
         self._hooks = []
-        if mode != "eb" or self.l1:
+        if mode != "eb" or l1:
             if optimizer is None:
                 why = f"mode={mode!r} truncates gradients" if mode != "eb" else "l1 > 0 penalises gradients"
                 raise ValueError(f"{why} and needs the optimizer")
             self._check_optimizer_holds_params(optimizer)
-            if self.l1 and any(g.get("maximize") for g in optimizer.param_groups):
+            if l1 and any(g.get("maximize") for g in optimizer.param_groups):
                 raise ValueError("l1 > 0 with maximize=True: the slimming penalty is defined for "
                                  "minimisation; negate the loss instead")
-            if not isinstance(optimizer, WormSGD):
-                self._truncation = GradTruncation(optimizer)
-                self._hooks.append(self._truncation)
-            if self.l1:
-                self._set_l1(self.l1)
+        if every is not None and optimizer is None:
+            raise ValueError("every= counts optimizer steps and needs the optimizer")
+        if mode != "eb":
+            # One owner per parameter: a second search on these params is refused here.
+            names = ", ".join(rep.name for rep in self.reps[:3]) + (", ..." if len(self.reps) > 3 else "")
+            self._truncation = GradTruncation(optimizer, owner=self,
+                                              name=f"an EarlyBird search (mode={mode!r}, tensors {names})")
+            try:
+                self._truncation.claim([p for rep in self.reps for p in [rep.param, *rep.covers]])
+            except ValueError:
+                self._truncation.remove()
+                raise
+            self._hooks.append(self._truncation)
+        if l1:
+            self._penalty = self._truncation or GradTruncation(
+                optimizer, owner=self, name="an EarlyBird search's l1 penalty (mode='eb')")
+            if self._truncation is None:
+                self._hooks.append(self._penalty)
+            self._penalty.set_l1(self._l1_where(), l1)
         if every is not None:
-            if optimizer is None:
-                raise ValueError("every= counts optimizer steps and needs the optimizer")
             self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
     # ----------------------------------------------------------------- helpers
@@ -133,101 +173,54 @@ class EarlyBird:
                     raise ValueError(f"representative parameter {rep.name} is not in the optimizer, "
                                      "so its gradients cannot be truncated")
 
-    def _newest_row(self) -> int:
-        return (self._count - 1) % self.window
-
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         self._opt_steps += 1
         if not self.found and self._opt_steps % self.every == 0:
             self.step()
 
-    def _segment(self, row: int, i: int) -> torch.Tensor:
-        return self._ring[row, self._offsets[i]:self._offsets[i + 1]]
-
-    def _masks_of_row(self, row: int) -> dict:
-        """{param: full-shape bool keep mask} for a ring row."""
-        out: dict = {}
-        for i, rep in enumerate(self.reps):
-            keep = _ref.unpack(self._segment(row, i).contiguous(), [rep.shape])[0]
-            out[rep.param] = rep.full_mask(keep, out.get(rep.param))
-        return out
-
-    def _truncation_bits(self, row: int) -> dict:
-        """{param: packed keep bits} for the newest mask; BN biases share their gamma's."""
-        bits: dict = {}
-        sliced = []
-        for i, rep in enumerate(self.reps):
-            if rep.index is None and rep.param.is_contiguous():
-                seg = self._segment(row, i).clone()
-                for p in [rep.param, *rep.covers]:
-                    bits[p] = seg
-            else:
-                sliced.append(rep.param)
-        if sliced:  # packed Q/K/V weights: slices placed in a full mask (V stays kept)
-            full = self._masks_of_row(row)
-            for p in sliced:
-                bits[p] = _ref.pack([full[p]])
-        return bits
-
-    def _set_l1(self, l1: float) -> None:
-        where = {}
+    def _l1_where(self) -> dict:
+        """{param: None (all entries) or bool mask}: the representative entries."""
+        where: dict = {}
         for rep in self.reps:
             if rep.index is None:
                 where[rep.param] = None
-            else:  # a slice of a packed weight: penalise only its entries
+            else:  # a slice of a packed Q/K/V weight: only its entries
                 m = where.get(rep.param)
                 m = torch.zeros_like(rep.param, dtype=torch.bool) if m is None else m
                 m[rep.index] = True
                 where[rep.param] = m
-        target = self.optimizer if isinstance(self.optimizer, WormSGD) else self._truncation
-        target.set_l1(where if l1 else None, l1)
+        return where
 
     def _apply_truncation(self, on: bool) -> None:
-        if self.mode == "eb" or self.optimizer is None:
+        if self._truncation is None:  # mode "eb", or closed
             return
-        bits = self._truncation_bits(self._newest_row()) if on else None
-        if isinstance(self.optimizer, WormSGD):
-            self.optimizer.set_truncation_bits(bits, self.r)
-        else:
-            self._truncation.set_bits(bits, self.r)
+        self._truncation.set_bits(self._window.truncation_bits() if on else None, self.r)
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self) -> Record:
-        """Sample a mask, push it into the window, and decide (METHOD.md steps 2-3)."""
+        """Sample a mask, push it into the window, and decide (docs/method.md, steps 1-3)."""
         if self.found:
             return self.history[-1]
         t0 = time.perf_counter()
-        tensors = [rep.contiguous_values() for rep in self.reps]
-        be = _ops.resolve(self.device)
-        thr, nonfinite = be.select_thresholds(tensors, self._ks, self.scope)
-        bad = torch.nonzero(nonfinite).flatten().tolist()  # one sync: errors must name the tensor
-        if bad:
-            names = ", ".join(self.reps[i].name for i in bad)
-            raise ValueError(f"NaN or Inf in representative tensor(s) {names}: "
-                             "a mask cannot be taken from non-finite weights")
-        head = self._count % self.window
-        counts = be.mask_update_(tensors, thr, self._ring, head)
-        self._count += 1
+        w = self._window
+        head, count = w.count % w.length, w.count
+        saved = w.ring[head].clone()  # a failed step leaves the window as it was
+        try:
+            dists = w.distances(w.push(self._ks, self.scope))
+            _dist.check_replicated_window(w)  # DDP, debug only: do the ranks agree?
+            found, truncating = decide(dists, mode=self.mode, stop=self.stop,
+                                       delta=self.delta, truncating=self.truncating)
+            self._apply_truncation(truncating)
+        except BaseException:
+            w.ring[head].copy_(saved)
+            w.count = count
+            raise
+        self.found, self.truncating = found, truncating
+        d_max, d_avg = summarize(dists) if dists is not None else (None, None)
 
-        d_max = d_avg = dists = None
-        if self._count >= self.window:
-            older = [(head + j) % self.window for j in range(1, self.window)]  # oldest first
-            c = counts.tolist()
-            dists = [c[j] / self.numel for j in older]
-            d_max, d_avg = max(dists), sum(dists) / len(dists)
-            if d_max < self.stop:
-                self.found = True
-            elif self.mode == "worm" and d_avg < self.stop + self.delta:
-                self.truncating = True
-        if self.mode == "truncate":
-            self.truncating = True
-        if self.found:
-            self.truncating = False
-        self._apply_truncation(self.truncating)
-
-        rec = Record(index=self._count,
-                     epoch=self._count if self.every is None else None,
+        rec = Record(index=self._window.count,
+                     epoch=self._window.count if self.every is None else None,
                      step=self._opt_steps if self.every is not None else None,
                      d_max=d_max, d_avg=d_avg, distances=dists, truncating=self.truncating,
                      found=self.found, seconds=time.perf_counter() - t0)
@@ -238,55 +231,86 @@ class EarlyBird:
     @property
     def mask(self) -> Optional[dict]:
         """The newest sampled mask, ``{param: bool keep mask}`` (None before the first)."""
-        if self._count == 0:
-            return None
-        return self._masks_of_row(self._newest_row())
+        return None if self._window.count == 0 else self._window.masks()
 
     @property
     def ticket(self) -> Optional[dict]:
-        """The ticket (the newest mask) once found, else None."""
+        """The ticket (the newest mask) once found, else None.
+
+        On an FSDP2-sharded set the masks are DTensors placed like their parameters;
+        ``worm.distributed.full_masks(search.ticket)`` gathers full tensors.
+        """
         return self.mask if self.found else None
 
     @property
     def packed_mask(self) -> Optional[torch.Tensor]:
-        """The newest mask in the packed layout of :mod:`worm.reference` (a copy)."""
-        return None if self._count == 0 else self._ring[self._newest_row()].clone()
+        """The newest mask in the packed layout of :mod:`worm.packing` (a copy)."""
+        w = self._window
+        return None if w.count == 0 else w.ring[w.newest_row()].clone()
 
     def close(self) -> None:
         """Switch truncation off and remove the hooks this search registered."""
         if self.truncating:
             self._apply_truncation(False)
-        if self.l1:
-            self._set_l1(0.0)
         for h in self._hooks:
-            h.remove()
+            h.remove()  # the handle's remove() also frees the params and ends the l1 penalty
         self._hooks = []
+        self._truncation = None
 
     # ------------------------------------------------------------- state dict
     def _config(self) -> dict:
         return {"mode": self.mode, "prune_ratio": self.prune_ratio, "window": self.window,
                 "stop": self.stop, "delta": self.delta, "r": self.r, "l1": self.l1, "scope": self.scope,
-                "every": self.every, "numel": self.numel, "names": [rep.name for rep in self.reps]}
+                "every": self.every, "numel": self.numel, "names": [rep.name for rep in self.reps],
+                "shapes": [list(rep.shape) for rep in self.reps]}
 
     def state_dict(self) -> dict:
-        return {"version": 1, "config": self._config(), "ring": self._ring.clone().cpu(),
-                "count": self._count, "opt_steps": self._opt_steps, "found": self.found,
-                "truncating": self.truncating, "history": [asdict(h) for h in self.history]}
+        history = [asdict(h) for h in self.history]
+        if isinstance(self._window, _dist.ShardedMaskWindow):
+            # torch.distributed.checkpoint wants a fixed key set: a growing list goes as text
+            history = json.dumps(history)
+        return {"version": 1, "config": self._config(), **self._window.state(),
+                "opt_steps": self._opt_steps, "found": self.found,
+                "truncating": self.truncating, "history": history}
 
     def load_state_dict(self, sd: dict) -> None:
         mine = self._config()
         theirs = sd.get("config", {})
-        for key in ("mode", "prune_ratio", "window", "scope", "numel", "every"):
+        # Everything is checked and parsed before anything changes.
+        for key in ("mode", "prune_ratio", "window", "scope", "every"):
             if theirs.get(key) != mine[key]:
                 raise ValueError(f"cannot load search state: {key} is {theirs.get(key)!r} in the "
                                  f"state dict but {mine[key]!r} here")
-        ring = sd["ring"]
-        if ring.shape != self._ring.shape or ring.dtype != torch.uint8:
-            raise ValueError(f"cannot load search state: window buffer {tuple(ring.shape)} "
-                             f"{ring.dtype}, expected {tuple(self._ring.shape)} uint8")
-        self.stop, self.delta, self.r = theirs["stop"], theirs["delta"], theirs["r"]
-        self._ring.copy_(ring)
-        self._count, self._opt_steps = int(sd["count"]), int(sd["opt_steps"])
-        self.found, self.truncating = bool(sd["found"]), bool(sd["truncating"])
-        self.history = [Record(**h) for h in sd["history"]]
-        self._apply_truncation(self.truncating and self._count > 0)
+        shapes = theirs.get("shapes")  # absent in states saved before shapes were recorded
+        if shapes is not None and len(shapes) != len(self.reps):
+            raise ValueError(f"cannot load search state: it holds {len(shapes)} representative tensors, "
+                             f"this search {len(self.reps)} (state from another model?)")
+        for i, rep in enumerate(self.reps):
+            if shapes is not None and list(shapes[i]) != list(rep.shape):
+                theirs_name = (theirs.get("names") or [None] * len(shapes))[i]
+                raise ValueError(f"cannot load search state: representative tensor {i} ({rep.name}) has "
+                                 f"shape {tuple(rep.shape)} here but {tuple(shapes[i])} in the state dict"
+                                 f"{f' ({theirs_name})' if theirs_name and theirs_name != rep.name else ''}; "
+                                 "state from another model?")
+        if theirs.get("numel") != mine["numel"]:
+            raise ValueError(f"cannot load search state: numel is {theirs.get('numel')!r} in the "
+                             f"state dict but {mine['numel']!r} here")
+        stop = _finite("stop (s)", theirs["stop"], 0.0, lo_ok=False)
+        delta = _finite("delta", theirs["delta"], 0.0, lo_ok=True)
+        r = _check_r(theirs["r"])
+        history = sd["history"]
+        history = [Record(**h) for h in (json.loads(history) if isinstance(history, str) else history)]
+        opt_steps, found, truncating = int(sd["opt_steps"]), bool(sd["found"]), bool(sd["truncating"])
+        w = self._window
+        old_ring, old_count, old_r = w.ring.clone(), w.count, self.r
+        w.load(sd["ring"], sd["count"])  # checks the buffer before writing
+        self.r = r
+        try:
+            self._apply_truncation(truncating and w.count > 0)
+        except BaseException:
+            w.ring.copy_(old_ring)
+            w.count, self.r = old_count, old_r
+            raise
+        self.stop, self.delta = stop, delta
+        self._opt_steps, self.found, self.truncating = opt_steps, found, truncating
+        self.history = history

@@ -84,6 +84,10 @@ def split(data: TextSet, n_train: Optional[int] = None, n_test: Optional[int] = 
     test_idx, train_idx = order[:n_pool], order[n_pool:]
     train = TextSet([data.texts[i] for i in train_idx], [data.labels[i] for i in train_idx])
     test = TextSet([data.texts[i] for i in test_idx], [data.labels[i] for i in test_idx])
+    for name, n, part in (("n_train", n_train, train), ("n_test", n_test, test)):
+        if n is not None and n > len(part):
+            raise ValueError(f"{name}={n} does not fit: the {name[2:]} split holds only {len(part)} of "
+                             f"{len(data)} examples (test_share={test_share} of them are held out for test)")
     return train.head(n_train), test.head(n_test)
 
 
@@ -114,11 +118,12 @@ def rotten_tomatoes(n_train: Optional[int] = None, n_test: Optional[int] = None,
 
 def load_csv(path, text_col: str = "text", label_col: str = "label",
              n_train: Optional[int] = None, n_test: Optional[int] = None, seed: int = 0,
-             labels: Optional[Sequence[str]] = None) -> tuple:
+             labels: Optional[Sequence[str]] = None, test_share: float = _TEST_SHARE) -> tuple:
     """(train, test) from a user's CSV (``.csv`` or ``.csv.bz2``) with a text and a label column.
 
     Labels may be integers ``0..C-1`` or strings; strings are numbered in sorted order
-    unless ``labels`` gives the order.
+    unless ``labels`` gives the order. ``test_share`` of the rows (seeded) form the test
+    split; ``n_train``/``n_test`` take the head of each split (None: all of it).
     """
     path = Path(path)
     if not path.is_file():
@@ -149,7 +154,7 @@ def load_csv(path, text_col: str = "text", label_col: str = "label",
         ids = [names.index(lab) for lab in raw]
     if len(set(ids)) < 2:
         raise ValueError(f"{path}: column {label_col!r} holds a single class; nothing to learn")
-    return split(TextSet([t for t, _ in rows], ids), n_train, n_test, seed)
+    return split(TextSet([t for t, _ in rows], ids), n_train, n_test, seed, test_share)
 
 
 def minilm_path() -> Path:

@@ -1,0 +1,155 @@
+"""The mask window: the last ``l`` packed masks of a representative set, on its device.
+
+A ring ``uint8 [l, B]`` in the packed layout of :mod:`worm.packing` (docs/ops.md).
+:meth:`MaskWindow.push` samples a new mask through the ops (threshold selection, then
+the fused mask update that also counts the differing bits against every row) and
+:meth:`MaskWindow.distances` turns the counts into the distances the decision rule
+(:mod:`worm.decision`) reads. The window also hands out the newest mask as bool
+masks (the ticket) and as packed truncation bits per parameter.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import ops
+from .packing import byte_offsets, unpack
+from .rep import RepTensor
+
+__all__ = ["MaskWindow", "SCORED_DTYPES"]
+
+# float64 weights are ranked by their fp32 score (|w| in fp32, as the reference does).
+SCORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class MaskWindow:
+    def __init__(self, reps: Sequence[RepTensor], length: int, device):
+        if int(length) != length or length < 2:
+            raise ValueError(f"window must be an integer >= 2 (distances need an older mask), "
+                             f"got {length!r}")
+        self.reps = list(reps)
+        self.length = int(length)
+        numels = [rep.numel for rep in self.reps]
+        self.numel = sum(numels)
+        self.offsets = byte_offsets(numels)
+        self.ring = torch.zeros(self.length, self.offsets[-1], dtype=torch.uint8, device=device)
+        self.count = 0            # masks pushed so far
+        self._bit_maps = None     # {param: int64 bit index per entry}, built on first use
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.length
+
+    def newest_row(self) -> int:
+        return (self.count - 1) % self.length
+
+    # ---------------------------------------------------------------- sampling
+    def push(self, ks: Sequence[int], scope: str) -> torch.Tensor:
+        """Sample the reps' mask into the oldest row; int64 [l] XOR counts per row."""
+        tensors = [rep.contiguous_values() for rep in self.reps]
+        tensors = [t.float() if t.dtype == torch.float64 else t for t in tensors]
+        thr, nonfinite = ops.select_thresholds(tensors, ks, scope)
+        bad = torch.nonzero(nonfinite).flatten().tolist()  # one sync: errors must name the tensor
+        if bad:
+            names = ", ".join(self.reps[i].name for i in bad)
+            raise ValueError(f"NaN or Inf in representative tensor(s) {names}: "
+                             "a mask cannot be taken from non-finite weights")
+        counts = self._mask_update(tensors, thr, self.count % self.length)
+        self.count += 1
+        return counts
+
+    def _mask_update(self, tensors, thr, head: int) -> torch.Tensor:
+        """The op over the whole ring, in calls of at most ops.MAX_WINDOW rows (the most
+        one call counts), so windows of any length run on every backend."""
+        step = ops.MAX_WINDOW
+        if self.length <= step:
+            return ops.mask_update_(tensors, thr, self.ring, head)
+        parts = []
+        for lo in range(0, self.length, step):
+            rows = self.ring[lo:lo + step]  # a contiguous block of rows
+            if lo <= head < lo + rows.shape[0]:
+                parts.append(ops.mask_update_(tensors, thr, rows, head - lo))
+            else:  # counts only: the op writes its head row, so put that row back
+                keep = rows[0].clone()
+                parts.append(ops.mask_update_(tensors, thr, rows, 0))
+                rows[0].copy_(keep)
+        return torch.cat(parts)
+
+    def distances(self, counts: torch.Tensor) -> Optional[list]:
+        """The newest mask's distance to each older one, oldest first (None until full)."""
+        if not self.full:
+            return None
+        head = self.newest_row()
+        c = counts.tolist()
+        return [c[(head + j) % self.length] / self.numel for j in range(1, self.length)]
+
+    # ----------------------------------------------------------------- results
+    def segment(self, row: int, i: int) -> torch.Tensor:
+        return self.ring[row, self.offsets[i]:self.offsets[i + 1]]
+
+    def masks(self, row: Optional[int] = None) -> dict:
+        """{param: full-shape bool keep mask} for a row (default: the newest)."""
+        row = self.newest_row() if row is None else row
+        out: dict = {}
+        for i, rep in enumerate(self.reps):
+            keep = unpack(self.segment(row, i).contiguous(), [rep.shape])[0]
+            out[rep.param] = rep.full_mask(keep, out.get(rep.param))
+        return out
+
+    def truncation_bits(self, row: Optional[int] = None) -> dict:
+        """{param: packed keep bits} of a row (default: the newest), on the device.
+
+        A whole, contiguous parameter's bits are its segment of the row (a BatchNorm's
+        bias shares its gamma's). Parameters holding slices (packed Q/K/V) get their
+        bits gathered from the row through a bit-index map built once, entries outside
+        every slice (V) kept: no unpack to bool masks and re-pack on the host side.
+        """
+        row = self.newest_row() if row is None else row
+        ring_row = self.ring[row]
+        bits: dict = {}
+        for i, rep in enumerate(self.reps):
+            if rep.index is None:  # any layout: the segment is in logical (row-major) order
+                seg = self.segment(row, i).clone()
+                for p in [rep.param, *rep.covers]:
+                    bits[p] = seg
+        for p, src in self._maps().items():
+            byte = ring_row[src.clamp(min=0) >> 3].long()
+            keep = torch.where(src >= 0, (byte >> (src & 7)) & 1, 1).to(torch.uint8)
+            pad = (-keep.numel()) % 8
+            if pad:
+                keep = torch.cat([keep, keep.new_zeros(pad)])
+            weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8,
+                                   device=keep.device)
+            bits[p] = (keep.reshape(-1, 8) * weights).sum(1, dtype=torch.uint8)
+        return bits
+
+    def _maps(self) -> dict:
+        if self._bit_maps is None:
+            maps: dict = {}
+            for i, rep in enumerate(self.reps):
+                if rep.index is None:
+                    continue
+                src = maps.get(rep.param)
+                if src is None:
+                    src = torch.full(rep.param.shape, -1, dtype=torch.int64,
+                                     device=self.ring.device)
+                    maps[rep.param] = src
+                pos = self.offsets[i] * 8 + torch.arange(rep.numel, device=src.device)
+                if rep.index is None:
+                    src.copy_(pos.reshape(rep.shape))
+                else:
+                    src[rep.index] = pos.reshape(rep.shape)
+            self._bit_maps = {p: m.reshape(-1) for p, m in maps.items()}
+        return self._bit_maps
+
+    # ------------------------------------------------------------- state dict
+    def state(self) -> dict:
+        return {"ring": self.ring.clone().cpu(), "count": self.count}
+
+    def load(self, ring: torch.Tensor, count: int) -> None:
+        if ring.shape != self.ring.shape or ring.dtype != torch.uint8:
+            raise ValueError(f"cannot load search state: window buffer {tuple(ring.shape)} "
+                             f"{ring.dtype}, expected {tuple(self.ring.shape)} uint8")
+        self.ring.copy_(ring)
+        self.count = int(count)

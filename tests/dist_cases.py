@@ -1,0 +1,272 @@
+"""Worker side of tests/test_distributed.py: FSDP2 (and DDP) runs against one process.
+
+Every rank trains on the *same* batches, so FSDP2's gradient reduce-scatter sums W
+identical values with W a power of two (exact), and BatchNorm sees the same batch
+statistics: the single-process run is then the bit-exact oracle for the whole run,
+and any difference is the search's (or the optimizer's) fault. With different data
+per rank the sum of W gradients rounds differently from one process's mean, which
+is torch's business, not worm's.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import worm
+from worm import distributed as wd
+from worm import reference as ref
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+
+
+# ----------------------------------------------------------------------- models
+def cnn() -> nn.Module:
+    # BN widths 6, 5, 3: on 4 ranks shards of 2/2/2/0, 2/2/1/0, 1/1/1/0 entries
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 5, 3), nn.BatchNorm2d(5), nn.ReLU(),
+        nn.Conv2d(5, 3, 1), nn.BatchNorm2d(3), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, d=12, layers=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+            for _ in range(layers))
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean(1))
+
+
+KINDS = {
+    "cnn": (cnn, "bn", lambda g: torch.randn(8, 3, 8, 8, generator=g)),
+    "transformer": (TinyTransformer, "qk", lambda g: torch.randn(6, 5, 12, generator=g)),
+}
+
+
+def shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+    blocks = model.blocks if hasattr(model, "blocks") else [m for m in model if isinstance(m, nn.Conv2d)]
+    for b in blocks:
+        fully_shard(b)
+    fully_shard(model)
+    return model
+
+
+def batch(kind: str, step: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = KINDS[kind][2](g)
+    return x, torch.randint(0, 4, (x.shape[0],), generator=g)
+
+
+def make_opt(model, opt_name):
+    if opt_name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    return worm.WormSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+
+def search_for(model, opt, kind, mode, scope):
+    # worm: stop tiny and delta large, so truncation switches on once the window is full
+    # and stays on; eb: stop large enough that the ticket is usually found in the run.
+    stop, delta = (1e-9, 2.0) if mode == "worm" else (0.34, 0.0)
+    return worm.EarlyBird(model, opt if mode != "eb" else None, mode=mode,
+                          layers=KINDS[kind][1], prune_ratio=0.5, window=3, stop=stop,
+                          delta=delta, r=0.3, scope=scope)
+
+
+def train(model, opt, search, kind, steps, start=0, every=2, record=None):
+    for i in range(start, start + steps):
+        x, y = batch(kind, i)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (i + 1) % every == 0 and not search.found:
+            search.step()
+            if record is not None:
+                record.append(packed_full(search))
+
+
+def packed_full(search) -> torch.Tensor:
+    """The newest mask of the whole set in the reference's packed layout."""
+    if not isinstance(search._window, wd.ShardedMaskWindow):
+        return search.packed_mask
+    full = wd.full_masks(search.mask)
+    return ref.pack([full[r.param] if r.index is None else full[r.param][r.index]
+                     for r in search.reps])
+
+
+def history(search) -> list:
+    return [{k: v for k, v in asdict(h).items() if k != "seconds"} for h in search.history]
+
+
+def full_params(model) -> list:
+    return [p.full_tensor() if wd.is_dtensor(p) else p.detach() for p in model.parameters()]
+
+
+def run(kind, mode, scope, opt_name, sharded, steps=8):
+    model = KINDS[kind][0]()
+    if sharded:
+        shard(model)
+    opt = make_opt(model, opt_name)
+    search = search_for(model, opt, kind, mode, scope)
+    masks: list = []
+    train(model, opt, search, kind, steps, record=masks)
+    return model, search, masks
+
+
+# ---------------------------------------------------------------------- checks
+def worker(rank, world, port, jobs):
+    """Run ``jobs`` ([(check name, args), ...]) in one process group (spawning is slow)."""
+    init(rank, world, port)
+    try:
+        for name, args in jobs:
+            globals()[name](rank, world, *args)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+def check_equal_to_one_process(rank, world, cases):
+    for kind, mode, scope, opt_name in cases:
+        what = f"{kind}/{mode}/{scope}/{opt_name} on {world} ranks"
+        m1, s1, k1 = run(kind, mode, scope, opt_name, sharded=False)
+        m2, s2, k2 = run(kind, mode, scope, opt_name, sharded=True)
+        assert isinstance(s2._window, wd.ShardedMaskWindow), what
+        assert history(s1) == history(s2), f"{what}: history differs"
+        assert len(k1) == len(k2) and all(torch.equal(a, b) for a, b in zip(k1, k2)), \
+            f"{what}: masks differ"
+        for a, b in zip(full_params(m1), full_params(m2)):
+            assert torch.equal(a, b), f"{what}: weights differ"
+        if mode == "worm":
+            assert any(h.truncating for h in s1.history), f"{what}: truncation never ran"
+        if s1.found:  # the ticket: DTensors in the params' placement, equal when gathered
+            t1, t2 = s1.ticket, s2.ticket
+            for p1, p2 in zip(t1, t2):
+                assert wd.is_dtensor(t2[p2]) and t2[p2].placements == p2.placements, what
+                assert torch.equal(t1[p1], t2[p2].full_tensor()), f"{what}: ticket differs"
+
+
+def check_resume(rank, world, ckpt_dir):
+    """Save mid-search with torch.distributed.checkpoint, load into a fresh run: same future."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    kind = "cnn"
+
+    def fresh():
+        model = shard(KINDS[kind][0]())
+        opt = make_opt(model, "sgd")
+        return model, opt, search_for(model, opt, kind, "truncate", "global")
+
+    m1, o1, s1 = fresh()
+    train(m1, o1, s1, kind, 4)  # two samples: window not yet full, truncation on
+    assert s1.truncating, "the checkpoint should be taken with truncation on"
+    dcp.save({"model": get_model_state_dict(m1), "optim": get_optimizer_state_dict(m1, o1),
+              "search": s1.state_dict()}, checkpoint_id=ckpt_dir)
+    train(m1, o1, s1, kind, 6, start=4)
+
+    m2, o2, s2 = fresh()
+    sd = {"model": get_model_state_dict(m2), "optim": get_optimizer_state_dict(m2, o2),
+          "search": s2.state_dict()}
+    dcp.load(sd, checkpoint_id=ckpt_dir)
+    set_model_state_dict(m2, sd["model"])
+    set_optimizer_state_dict(m2, o2, sd["optim"])
+    s2.load_state_dict(sd["search"])
+    assert s2.truncating and len(s2.history) == 2
+    train(m2, o2, s2, kind, 6, start=4)
+    assert history(s1) == history(s2), "resumed history differs"
+    assert torch.equal(packed_full(s1), packed_full(s2)), "resumed mask differs"
+    for a, b in zip(full_params(m1), full_params(m2)):
+        assert torch.equal(a, b), "resumed weights differ"
+
+
+def check_ddp(rank, world):
+    """Replicated parameters: no communication for masks; the debug check sees agreement."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    try:
+        wd.check_replicas = True
+        m1, s1, k1 = run("cnn", "worm", "global", "sgd", sharded=False)
+        model = DDP(KINDS["cnn"][0]())
+        opt = make_opt(model, "sgd")
+        s2 = search_for(model, opt, "cnn", "worm", "global")
+        k2: list = []
+        train(model, opt, s2, "cnn", 8, record=k2)
+        assert not isinstance(s2._window, wd.ShardedMaskWindow)
+        assert history(s1) == history(s2) and all(torch.equal(a, b) for a, b in zip(k1, k2))
+        for a, b in zip(m1.parameters(), model.module.parameters()):
+            assert torch.equal(a, b)
+        # a rank whose "replica" differs is caught by the debug check
+        with torch.no_grad():
+            w = torch.arange(6.0)
+            model.module[1].weight.copy_(w if rank == 0 else w.flip(0))
+        s3 = search_for(model.module, opt, "cnn", "eb", "global")
+        try:
+            s3.step()
+        except RuntimeError as e:
+            assert "differ across ranks" in str(e)
+        else:
+            raise AssertionError("the replica check did not fire")
+    finally:
+        wd.check_replicas = False
+
+
+def check_wormsgd_equals_sgd_with_hooks(rank, world):
+    """WormSGD on FSDP2 shards == torch.optim.SGD after a truncating grad hook: its fused
+    step (default flags) and torch's own path on the truncated shards (foreach=True)."""
+    for flags in ({}, {"foreach": True}):
+        _wormsgd_equals_sgd_with_hooks(flags)
+
+
+def _wormsgd_equals_sgd_with_hooks(flags):
+    r = 0.25
+    models, opts = [], []
+    for cls in (worm.WormSGD, torch.optim.SGD):
+        model = shard(KINDS["transformer"][0]())
+        models.append(model)
+        opts.append(cls(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True, **flags))
+    # keep-masks in the params' own placement: a pattern over the full shape, sharded alike
+    masks = []
+    for model in models:
+        ms = {}
+        for p in model.parameters():
+            full = (torch.arange(p.numel()).reshape(p.shape) % 3) != 0
+            ms[p] = wd.distribute_like(full, p)
+        masks.append(ms)
+    opts[0].set_truncation(masks[0], r=r)
+    for i in range(4):
+        x, y = batch("transformer", i)
+        for model, opt, ms in zip(models, opts, masks):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if not isinstance(opt, worm.WormSGD):  # the hook, by hand on the sharded grads
+                for p, m in ms.items():
+                    p.grad.mul_(torch.where(m, torch.ones((), dtype=p.dtype),
+                                            torch.full((), r, dtype=p.dtype)))
+            opt.step()
+    for a, b in zip(full_params(models[0]), full_params(models[1])):
+        assert torch.equal(a, b), f"WormSGD{flags} on FSDP2 differs from SGD + hooks"
