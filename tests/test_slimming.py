@@ -120,13 +120,18 @@ def test_penalty_is_applied_after_truncation():
     with torch.no_grad():
         m.weight.copy_(torch.tensor([1.0, -1.0, 2.0, 0.5]))
     opt = worm.WormSGD(m.parameters(), lr=1.0)
-    worm.EarlyBird(m, opt, mode="eb", l1=0.25)
+    search = worm.EarlyBird(m, opt, mode="eb", l1=0.25)  # the penalty lives as long as the search
     opt.set_truncation({m.weight: torch.tensor([True, False, True, False])}, r=0.0)
     m.weight.grad = torch.full((4,), 8.0)
     m.bias.grad = torch.zeros(4)
     opt.step()
     assert m.weight.detach().tolist() == [1.0 - 8.25, -1.0 + 0.25, 2.0 - 8.25, 0.5 - 0.25]
     assert m.bias.detach().tolist() == [0.0] * 4  # the penalty is on gammas, not betas
+    assert m.weight.grad.tolist() == [8.0] * 4     # p.grad is left as backward made it
+    del search
+    import gc
+    gc.collect()
+    assert not opt._trunc.penalised
 
 
 def test_bad_l1_is_refused_at_construction():
