@@ -133,7 +133,7 @@ ext_modules, cmdclass = native_build()
 
 setup(
     package_dir={"worm": "python/worm", "worm_kernels": "worm_kernels"},
-    packages=["worm", "worm_kernels"],
+    packages=["worm", "worm.paper", "worm_kernels"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

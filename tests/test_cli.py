@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import worm
-from worm import cli
-from worm.experiments import COLUMNS
+from worm.paper import cli
+from worm.paper.experiments import COLUMNS
 
 TINY = ["--dataset", "digits", "--model", "cnn", "--width", "0.5", "--seeds", "0",
         "--max-epochs", "3", "--retrain-epochs", "1", "--window", "2",

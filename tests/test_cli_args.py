@@ -3,7 +3,8 @@ traceback, before any data is loaded or model built."""
 import pytest
 
 import worm
-from worm import cli
+import worm.paper.text
+from worm.paper import cli
 
 
 def _refused(capsys, argv):
@@ -69,7 +70,7 @@ def test_small_csv_gets_splits_that_fit(tmp_path, monkeypatch):
     def fake_run(**kw):
         seen.update(kw)
         return {"kind": "compare", "config": {}, "runs": []}
-    import worm.experiments_text as et
+    import worm.paper.experiments_text as et
     monkeypatch.setattr(et, "run_text_compare", fake_run)
     monkeypatch.setattr(cli, "_write", lambda *a, **k: None)
     p = _small_csv(tmp_path)
@@ -81,7 +82,7 @@ def test_small_csv_gets_splits_that_fit(tmp_path, monkeypatch):
     assert (seen["text_col"], seen["label_col"]) == ("review", "stars")
     assert cli.main(base + ["--test-share", "0.5", "--n-train", "10"]) == 0
     assert (seen["n_train"], seen["n_test"], seen["test_share"]) == (10, 15, 0.5)
-    train, test = worm.text.load_csv(p, "review", "stars", n_train=10, n_test=15, test_share=0.5)
+    train, test = worm.paper.text.load_csv(p, "review", "stars", n_train=10, n_test=15, test_share=0.5)
     assert len(train) == 10 and len(test) == 15
 
 

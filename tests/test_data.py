@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from worm import data
-from worm.data import DatasetNotFound, load, stratified_subset
+from worm.paper import data
+from worm.paper.data import DatasetNotFound, load, stratified_subset
 
 FASHION = data.FASHION_MNIST_DIR
 

@@ -1,4 +1,4 @@
-"""worm.experiments: the metrics, the table, and the fairness of the comparison
+"""worm.paper.experiments: the metrics, the table, and the fairness of the comparison
 (same initial weights and data order for both methods, accuracy on the test split)."""
 import copy
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from worm import data as wdata
-from worm import experiments as ex
+from worm.paper import data as wdata
+from worm.paper import experiments as ex
 
 
 def _tiny(**kw):
@@ -178,13 +178,13 @@ def test_distance_plot_reads_text_records(tmp_path):
     hist = [{"index": i, "d_max": d, "d_avg": d and d / 2} for i, d in enumerate([None, None, 0.03, 0.008], 1)]
     result = {"config": {"task": "minilm-rt", "window": 3, "stop": 0.01, "delta": 0.005},
               "runs": [{"seed": 0, "method": m, "history": hist} for m in ("eb", "worm")]}
-    from worm.experiments import plot_distances
+    from worm.paper.experiments import plot_distances
     plot_distances(result, tmp_path / "d.png")
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_distance_plot_marks_truncation_and_ticket_and_names_one_point_runs(tmp_path, monkeypatch):
-    from worm import experiments as ex
+    from worm.paper import experiments as ex
     full = {"seed": 0, "method": "WORM", "d_max": [None] * 4 + [0.3, 0.14, 0.05],
             "d_avg": [None] * 4 + [0.2, 0.1, 0.03], "truncation_epoch": 6, "found": True}
     short = {"seed": 1, "method": "EB Train", "d_max": [None] * 4 + [0.06],

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from worm import reference
-from worm.models import MODELS, BasicBlock, PlainCNN, ResNet, build, scaled
+from worm.paper.models import MODELS, BasicBlock, PlainCNN, ResNet, build, scaled
 from worm.prune import count_flops, count_params, prune_channels, pruning_report
 
 

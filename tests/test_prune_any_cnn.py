@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import worm
+import worm.paper.models
 from worm import reference
 from worm.prune import count_flops, count_params, floor_ticket, prune_channels
 
@@ -188,9 +189,9 @@ def test_vote_rule_and_coupled_groups():
 
 
 def test_grey_inputs_and_torchvision_names_through_build():
-    m = worm.models.build("mobilenet_v3_small", in_channels=1, num_classes=7)
+    m = worm.paper.models.build("mobilenet_v3_small", in_channels=1, num_classes=7)
     assert m(torch.randn(2, 1, 32, 32)).shape == (2, 7)
-    assert isinstance(worm.models.build("torchvision.resnet18"), torchvision.models.ResNet)
+    assert isinstance(worm.paper.models.build("torchvision.resnet18"), torchvision.models.ResNet)
     small = prune_channels(m.eval(), _global_ticket(m), torch.randn(1, 1, 32, 32))
     assert small(torch.randn(2, 1, 32, 32)).shape == (2, 7)
 

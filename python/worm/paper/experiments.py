@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader
 
 from . import data as _data
 from . import models as _models
-from .optim import WormSGD
-from .prune import count_flops, count_params, prune_channels, prune_report
-from .search import EarlyBird
+from ..optim import WormSGD
+from ..prune import count_flops, count_params, prune_channels, prune_report
+from ..search import EarlyBird
 
 try:
     from tqdm.auto import tqdm

@@ -115,7 +115,7 @@ def _add_common(p: argparse.ArgumentParser, text: bool) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
     ap = _Parser(prog="worm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"worm {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "backend":
         import torch
-        from . import backend, backend_info
+        from .. import backend, backend_info
         for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
             try:
                 print(f"{dev}: {backend(dev)}")

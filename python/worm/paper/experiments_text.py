@@ -29,8 +29,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .search import EarlyBird
-from .ticket import apply_masks, remove_masks
+from ..search import EarlyBird
+from ..ticket import apply_masks, remove_masks
 from . import text as _text
 
 __all__ = ["run_text_compare", "plot_losses", "PAPER_BERT"]
