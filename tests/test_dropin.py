@@ -4,6 +4,8 @@ import os
 
 import pytest
 import torch
+
+from testkit import truncating_hook
 from torch import nn
 
 import worm
@@ -25,13 +27,7 @@ def _cnn(seed=0):
                          nn.Linear(4 * 6 * 6, 2))
 
 
-def _hook(keep, r):
-    def fn(g):
-        if g.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            return (g.float() * torch.where(keep, 1.0, r)).to(g.dtype)
-        real = g.real.dtype if g.is_complex() else g.dtype
-        return g * torch.where(keep, torch.ones((), dtype=real), torch.full((), r, dtype=real))
-    return fn
+
 
 
 def _keep(p, seed=3):
@@ -42,7 +38,7 @@ def _pair(make, opt_kw, truncate, r=0.01):
     """(SGD + hooks, WormSGD + set_truncation) on two copies; truncate: model -> params."""
     a, b = make(), make()
     for p in truncate(a):
-        p.register_hook(_hook(_keep(p), r))
+        p.register_hook(truncating_hook(_keep(p), r))
     oa = torch.optim.SGD(a.parameters(), **opt_kw)
     ob = worm.WormSGD(b.parameters(), **opt_kw)
     ob.set_truncation({p: _keep(p) for p in truncate(b)}, r=r)
@@ -185,7 +181,7 @@ def test_grad_scaler_inf_step_is_skipped_with_fused():
 def test_pre_hook_with_fused_adamw_and_grad_scaler():
     a, b = _cnn(), _cnn()
     for p in (a[1].weight, a[1].bias):
-        p.register_hook(_hook(_keep(p), 0.01))
+        p.register_hook(truncating_hook(_keep(p), 0.01))
     oa = torch.optim.AdamW(a.parameters(), lr=1e-2, fused=True)
     ob = torch.optim.AdamW(b.parameters(), lr=1e-2, fused=True)
     worm.truncation_pre_hook(ob).set({p: _keep(p) for p in (b[1].weight, b[1].bias)}, r=0.01)

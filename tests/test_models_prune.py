@@ -3,6 +3,8 @@ import copy
 
 import pytest
 import torch
+
+from testkit import zeroed_realised
 from torch import nn
 
 from worm import reference
@@ -64,15 +66,7 @@ def zeroed_copy(model, ticket):
     return ref
 
 
-def zeroed_realised(model, plan):
-    """The original with every channel the pruner removed zeroed (gamma and beta)."""
-    ref = copy.deepcopy(model)
-    mods = dict(ref.named_modules())
-    with torch.no_grad():
-        for name, keep in plan.realised.items():
-            mods[name].weight[~keep] = 0
-            mods[name].bias[~keep] = 0
-    return ref
+
 
 
 def snapshot(model):

@@ -4,6 +4,8 @@ import itertools
 
 import pytest
 import torch
+
+from testkit import train_steps
 from torch import nn
 
 import worm
@@ -26,15 +28,7 @@ def _groups(model, **hyper):
             {"params": model[3].parameters(), "lr": 0.05, "weight_decay": 0.0}]
 
 
-def _train(model, opt, steps=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(16, 6, generator=g)
-        y = torch.randint(0, 3, (16,), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model
+
 
 
 def _masks(model, seed=3):
@@ -50,11 +44,11 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("hyper", HYPER, ids=lambda h: ",".join(f"{k}={v}" for k, v in h.items()))
 def test_no_truncation_is_sgd_bit_for_bit(hyper):
     a, b, c = _model(), _model(), _model()
-    _train(a, torch.optim.SGD(_groups(a), lr=0.1, **hyper))
-    _train(b, worm.WormSGD(_groups(b), lr=0.1, **hyper))
+    train_steps(a, torch.optim.SGD(_groups(a), lr=0.1, **hyper))
+    train_steps(b, worm.WormSGD(_groups(b), lr=0.1, **hyper))
     opt_c = worm.WormSGD(_groups(c), lr=0.1, **hyper)
     opt_c.set_truncation(_masks(c), r=1.0)  # r == 1: the plain optimizer
-    _train(c, opt_c)
+    train_steps(c, opt_c)
     _assert_same(a, b)
     _assert_same(a, c)
 
@@ -66,10 +60,10 @@ def test_truncation_equals_sgd_with_gradient_hooks(hyper, monkeypatch):
     a, b = _model(), _model()
     for p, keep in _masks(a).items():
         p.register_hook(lambda g, keep=keep: g * torch.where(keep, torch.ones(()), torch.full((), r)))
-    _train(a, torch.optim.SGD(_groups(a), lr=0.1, **hyper))
+    train_steps(a, torch.optim.SGD(_groups(a), lr=0.1, **hyper))
     opt = worm.WormSGD(_groups(b), lr=0.1, **hyper)
     opt.set_truncation(_masks(b), r=r)
-    _train(b, opt)
+    train_steps(b, opt)
     _assert_same(a, b)
 
 
@@ -82,9 +76,9 @@ def test_truncation_on_default_backend_matches_reference(hyper, monkeypatch):
     oa.set_truncation(_masks(a), r=3e-3)
     ob = worm.WormSGD(_groups(b), lr=0.1, **hyper)
     ob.set_truncation(_masks(b), r=3e-3)
-    _train(a, oa)
+    train_steps(a, oa)
     monkeypatch.setenv("WORM_BACKEND", "reference")
-    _train(b, ob)
+    train_steps(b, ob)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
@@ -94,7 +88,7 @@ def test_state_dict_round_trips_with_sgd_and_keeps_truncation():
     opt = worm.WormSGD(a.parameters(), lr=0.1, momentum=0.9)
     masks = _masks(a)
     opt.set_truncation(masks, r=0.01)
-    _train(a, opt, steps=2)
+    train_steps(a, opt, steps=2)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
@@ -122,11 +116,11 @@ def test_adamw_pre_hook_equals_gradient_hooks(monkeypatch):
     a, b = _model(), _model()
     for p, keep in _masks(a).items():
         p.register_hook(lambda g, keep=keep: g * torch.where(keep, torch.ones(()), torch.full((), r)))
-    _train(a, torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1))
+    train_steps(a, torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1))
     opt = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
     trunc = worm.truncation_pre_hook(opt)
     trunc.set(_masks(b), r=r)
-    _train(b, opt)
+    train_steps(b, opt)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0) if worm.backend("cpu") == "reference" \
             else torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

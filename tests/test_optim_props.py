@@ -15,6 +15,8 @@ import os
 
 import pytest
 import torch
+
+from testkit import truncating_hook
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -55,13 +57,7 @@ def _grads(params, steps, seed):
         p.dtype if not p.dtype.is_complex else torch.float32) for p in params] for _ in range(steps)]
 
 
-def _hook(keep, r):
-    def fn(g):
-        if g.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            return (g.float() * torch.where(keep, 1.0, r)).to(g.dtype)
-        real = g.real.dtype if g.is_complex() else g.dtype
-        return g * torch.where(keep, torch.ones((), dtype=real), torch.full((), r, dtype=real))
-    return fn
+
 
 
 def _groups(params, split, lrs):
@@ -151,7 +147,7 @@ def test_wormsgd_equals_sgd_with_gradient_hooks(spec, hyper, flags, owners, rs, 
     own = owners[:len(a)]
     for p, keep, o in zip(a, keeps, own):
         if o != "none":
-            p.register_hook(_hook(keep, r_of[o]))
+            p.register_hook(truncating_hook(keep, r_of[o]))
     ref_opt = torch.optim.SGD(_groups(a, split, (hyper["lr"], 0.05)), **hyper, **kw)
     opt = worm.WormSGD(_groups(b, split, (hyper["lr"], 0.05)), **hyper, **kw)
     handles = {o: GradTruncation(opt) for o in ("search1", "search2")}
@@ -202,7 +198,7 @@ def test_adamw_pre_hook_equals_gradient_hooks(spec, owners, fused, amp, seed):
     own = owners[:len(a)]
     for p, keep, o in zip(a, keeps, own):
         if o != "none":
-            p.register_hook(_hook(keep, r_of[o]))
+            p.register_hook(truncating_hook(keep, r_of[o]))
     kw = {"fused": True} if fused else {"foreach": False}
     ref_opt = torch.optim.AdamW(a, lr=1e-2, weight_decay=0.1, **kw)
     opt = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, **kw)

@@ -7,6 +7,8 @@ import io
 
 import pytest
 import torch
+
+from testkit import zeroed_realised
 from torch import nn
 
 import worm
@@ -82,14 +84,7 @@ def _global_ticket(model, p=0.5):
     return dict(zip(gammas, reference.masks([g.detach().float() for g in gammas], p, scope="global")))
 
 
-def _zeroed(model, plan):
-    ref = copy.deepcopy(model)
-    mods = dict(ref.named_modules())
-    with torch.no_grad():
-        for name, keep in plan.realised.items():
-            mods[name].weight[~keep] = 0
-            mods[name].bias[~keep] = 0
-    return ref
+
 
 
 def _no_hooks(model):
@@ -116,7 +111,7 @@ def test_smaller_plain_module_that_computes_the_zeroed_original(pruned):
     _no_hooks(model)
     assert not small.training
     with torch.no_grad():
-        got, want, full = small(x), _zeroed(model, plan)(x), model(x)
+        got, want, full = small(x), zeroed_realised(model, plan)(x), model(x)
     assert not torch.allclose(full, want, rtol=1e-4, atol=1e-4), "pruning changed nothing"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # the plan accounts for every ticket BN, and "any" keeps every channel the ticket keeps

@@ -2,6 +2,8 @@
 weights, then weight decay and momentum (METHOD.md); l1 = 0 is exactly the plain step."""
 import pytest
 import torch
+
+from testkit import train_steps
 from torch import nn
 
 import worm
@@ -12,14 +14,7 @@ def _model(seed=0):
     return nn.Sequential(nn.Linear(6, 9), nn.BatchNorm1d(9), nn.ReLU(), nn.Linear(9, 3))
 
 
-def _train(model, opt, steps=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(16, 6, generator=g)
-        y = torch.randint(0, 3, (16,), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+
 
 
 def _keep(seed=3):
@@ -52,11 +47,11 @@ HYPER = [dict(momentum=0.9, weight_decay=1e-2), dict(momentum=0.0), dict(momentu
 @pytest.mark.parametrize("hyper", HYPER)
 def test_l1_zero_is_exactly_the_plain_step(hyper):
     a, b = _model(), _model()
-    _train(a, torch.optim.SGD(a.parameters(), lr=0.1, **hyper))
+    train_steps(a, torch.optim.SGD(a.parameters(), lr=0.1, **hyper))
     opt = worm.WormSGD(b.parameters(), lr=0.1, **hyper)
     search = worm.EarlyBird(b, opt, mode="eb", l1=0.0)
     assert not opt._trunc.penalised
-    _train(b, opt)
+    train_steps(b, opt)
     _same(a, b)
 
 
@@ -67,12 +62,12 @@ def test_l1_equals_sgd_with_gradient_hooks_reference(hyper, truncating, monkeypa
     l1, keep = 1e-2, _keep()
     a, b = _model(), _model()
     _hooked(a, l1, keep if truncating else None)
-    _train(a, torch.optim.SGD(a.parameters(), lr=0.1, **hyper))
+    train_steps(a, torch.optim.SGD(a.parameters(), lr=0.1, **hyper))
     opt = worm.WormSGD(b.parameters(), lr=0.1, **hyper)
     search = worm.EarlyBird(b, opt, mode="worm", l1=l1)
     if truncating:
         search._truncation.set({b[1].weight: keep, b[1].bias: keep}, r=3e-3)
-    _train(b, opt)
+    train_steps(b, opt)
     _same(a, b)
     search.close()  # the penalty goes with the search
     assert not opt._trunc.penalised
@@ -86,7 +81,7 @@ def test_l1_on_the_fused_path_matches_the_reference(backend, monkeypatch):
     l1, keep = 1e-2, _keep()
     a, b = _model(), _model()
     _hooked(a, l1, keep)
-    _train(a, torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2))
+    train_steps(a, torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2))
     monkeypatch.setenv("WORM_BACKEND", backend)
     opt = worm.WormSGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
     search = worm.EarlyBird(b, opt, mode="worm", l1=l1)
@@ -95,7 +90,7 @@ def test_l1_on_the_fused_path_matches_the_reference(backend, monkeypatch):
     called = []
     real = worm._ops.resolve
     monkeypatch.setattr(worm._ops, "resolve", lambda d=None: called.append(1) or real(d))
-    _train(b, opt)
+    train_steps(b, opt)
     assert called, "the fused path did not run"
     _same(a, b, exact=False)
     # the penalty was not truncated: a pruned gamma still moved by about lr * l1 per step
@@ -106,11 +101,11 @@ def test_l1_pre_step_pass_for_adamw(monkeypatch):
     l1, keep = 1e-2, _keep()
     a, b = _model(), _model()
     _hooked(a, l1, keep)
-    _train(a, torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1))
+    train_steps(a, torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1))
     opt = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
     search = worm.EarlyBird(b, opt, mode="worm", l1=l1)
     search._truncation.set({b[1].weight: keep, b[1].bias: keep}, r=3e-3)
-    _train(b, opt)
+    train_steps(b, opt)
     _same(a, b)
 
 
