@@ -114,11 +114,14 @@ def test_text_csv_task_without_csv_is_a_clear_error(tmp_path, capsys):
     assert e.value.code == 2 and "--csv" in capsys.readouterr().err
 
 
-def test_unknown_subcommand_and_dataset_are_rejected(tmp_path):
+def test_unknown_subcommand_and_dataset_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["no-such-command"])
-    with pytest.raises(ValueError, match="unknown dataset"):
+    with pytest.raises(SystemExit) as e:  # a usage error before any training
         cli.main(["compare", "--dataset", "no-such-data", "--quiet", "--out", str(tmp_path / "y")])
+    assert e.value.code == 2
+    assert "--dataset no-such-data: unknown" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_l1_and_floor_flags(capsys):

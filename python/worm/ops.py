@@ -278,8 +278,24 @@ def select_thresholds(tensors: Sequence[torch.Tensor], ks: Sequence[int],
     The passes behind it can be driven one at a time: :mod:`worm.radix`.
     """
     tensors = _nonempty(_tensor_list(tensors, "select_thresholds tensors"), "select_thresholds")
-    return torch.ops.worm.select_thresholds([t.detach() for t in tensors],
-                                            [int(k) for k in ks], scope)
+    return torch.ops.worm.select_thresholds([t.detach() for t in tensors], _ks(ks), scope)
+
+
+def _ks(ks) -> List[int]:
+    """ks as a list of ints; a ratio or a float is the usual slip, so say how to get k."""
+    if isinstance(ks, (int, float, torch.Tensor)) or not isinstance(ks, Sequence):
+        raise TypeError(f"ks must be a list of entry counts ([k] for scope='global', one per "
+                        f"tensor for 'layer'), got {type(ks).__name__} {ks!r}; from a prune ratio "
+                        "p: k = worm.reference.num_pruned(n, p)")
+    out = []
+    for k in ks:
+        if isinstance(k, bool) or not (isinstance(k, int) or (isinstance(k, float) and k.is_integer())
+                                       or (isinstance(k, torch.Tensor) and k.numel() == 1
+                                           and not k.is_floating_point())):
+            raise TypeError(f"ks must hold whole numbers of entries, got {k!r}; from a prune "
+                            "ratio p: k = worm.reference.num_pruned(n, p)")
+        out.append(int(k))
+    return out
 
 
 def mask_update_(tensors: Sequence[torch.Tensor], thr: torch.Tensor, window: torch.Tensor,

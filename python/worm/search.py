@@ -106,6 +106,9 @@ class EarlyBird:
         self.prune_ratio = _ref.check_ratio(prune_ratio)
         self.mode, self.stop, self.delta = mode, stop, delta
         self.r = _check_r(r)
+        if self.r > 1:
+            raise ValueError(f"r={self.r!r} > 1 would amplify the gradients of the weights the "
+                             "mask prunes; WORM truncates them: use 0 <= r <= 1 (paper: 3e-3)")
         self.l1 = l1
         self.scope, self.every = scope, every
         self.model, self.optimizer = model, optimizer
@@ -176,7 +179,7 @@ class EarlyBird:
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         self._opt_steps += 1
         if not self.found and self._opt_steps % self.every == 0:
-            self.step()
+            self._sample()
 
     def _l1_where(self) -> dict:
         """{param: None (all entries) or bool mask}: the representative entries."""
@@ -197,9 +200,23 @@ class EarlyBird:
         self._truncation.set_bits(self._window.truncation_bits() if on else None, self.r)
 
     # ----------------------------------------------------------------- the step
-    @torch.no_grad()
     def step(self) -> Record:
-        """Sample a mask, push it into the window, and decide (docs/method.md, steps 1-3)."""
+        """Sample a mask, push it into the window, and decide (docs/method.md, steps 1-3).
+
+        With ``every=`` the search samples by itself after every ``every``-th optimizer
+        step, so calling this as well would push a second mask of the same weights
+        (distance 0) and fake a ticket: it raises instead.
+        """
+        if self.every is not None:
+            raise RuntimeError(
+                f"this search samples by itself every {self.every} optimizer steps (every="
+                f"{self.every}); do not call step() as well. Read search.found and "
+                "search.history[-1], or build the search with every=None to sample at your "
+                "own points")
+        return self._sample()
+
+    @torch.no_grad()
+    def _sample(self) -> Record:
         if self.found:
             return self.history[-1]
         t0 = time.perf_counter()

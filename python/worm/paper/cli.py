@@ -60,9 +60,9 @@ TEXT_DEFAULTS = {"stop": 0.01, "delta": 0.005, "window": 3}
 
 def _add_common(p: argparse.ArgumentParser, text: bool) -> None:
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default="digits", help="digits | fashion-mnist | cifar10 (default: digits)")
+    g.add_argument("--dataset", default=None, help="digits | fashion-mnist | cifar10 (default: digits)")
     g.add_argument("--data-root", default=None, help="folder of the dataset (cifar10: torchvision layout)")
-    g.add_argument("--model", default="cnn",
+    g.add_argument("--model", default=None,
                    help="cnn | resnet18 | vgg11_bn (built in, 32x32), or a torchvision model name "
                         "built with random weights: mobilenet_v3_small, efficientnet_b0, "
                         "regnet_x_400mf, densenet121; torchvision.NAME picks torchvision even for "
@@ -86,7 +86,8 @@ def _add_common(p: argparse.ArgumentParser, text: bool) -> None:
                    help="5 for CNNs, 3 for text")
     g.add_argument("--stop", type=_POS_FLOAT, default=None, help="s: 0.1 for CNNs, 0.01 for text")
     g.add_argument("--delta", type=_NONNEG_FLOAT, default=None, help="0.05 for CNNs, 0.005 for text")
-    g.add_argument("--r", type=_NONNEG_FLOAT, default=3e-3, help="truncation factor r (default 3e-3)")
+    g.add_argument("--r", type=_number(float, 0, 1, what="truncation factor"), default=3e-3,
+                   help="truncation factor r in [0, 1] (default 3e-3)")
     g.add_argument("--l1", type=_NONNEG_FLOAT, default=None,
                    help="CNN: network-slimming penalty on the BN gammas, both arms (default 1e-4, "
                         "Early-Bird's recipe; 0 = off)")
@@ -175,12 +176,39 @@ def _csv_sizes(ap, a) -> tuple:
     return tuple(sizes)
 
 
+def _check_cnn_flags(ap, a) -> None:
+    """--dataset/--model name what exists (one usage line, before any training); the
+    CNN-only flags are refused with --task. Fills in the defaults (digits, cnn)."""
+    cnn_only = [f for f, v in (("--dataset", a.dataset), ("--model", a.model)) if v is not None]
+    if getattr(a, "task", None) is not None:
+        if cnn_only:
+            ap.error(f"{', '.join(cnn_only)} {'apply' if len(cnn_only) > 1 else 'applies'} to CNN "
+                     "runs, not --task (the text study uses MiniLM)")
+        return
+    a.dataset = a.dataset or "digits"
+    a.model = a.model or "cnn"
+    from .data import DATASETS
+    if a.dataset not in DATASETS:
+        ap.error(f"--dataset {a.dataset}: unknown; choose one of {', '.join(DATASETS)}")
+    from .models import MODELS
+    if a.model not in MODELS:
+        name = a.model.split(".", 1)[1] if a.model.startswith("torchvision.") else a.model
+        try:
+            import torchvision
+        except ImportError:
+            ap.error(f"--model {a.model}: not built in ({', '.join(MODELS)}) and torchvision is "
+                     "not installed (pip install 'worm[cnn]')")
+        if name not in set(torchvision.models.list_models(module=torchvision.models)):
+            ap.error(f"--model {a.model}: unknown; choose one of {', '.join(MODELS)} or a "
+                     "torchvision classification model (e.g. mobilenet_v3_small, efficientnet_b0)")
+
+
 def _cnn_config(a):
     from .experiments import CNNConfig, default_width
     d = CNNConfig()
     return CNNConfig(
-        dataset=a.dataset, model=a.model,
-        width=a.width if a.width is not None else default_width(a.model), train_subset=a.train_subset,
+        dataset=a.dataset or "digits", model=a.model or "cnn",
+        width=a.width if a.width is not None else default_width(a.model or "cnn"), train_subset=a.train_subset,
         test_subset=a.test_subset, data_root=a.data_root, seeds=tuple(a.seeds),
         max_epochs=_given(a.max_epochs, d.max_epochs), retrain_epochs=_given(a.retrain_epochs, d.retrain_epochs),
         batch_size=_given(a.batch_size, d.batch_size), lr=_given(a.lr, d.lr), momentum=a.momentum,
@@ -220,6 +248,7 @@ def _write(result: dict, out: Path, plots) -> None:
 
 def _compare(a, ap) -> int:
     _check_text_flags(ap, a)
+    _check_cnn_flags(ap, a)
     from .experiments import compare, plot_distances
     if a.task:
         n_train, n_test = _csv_sizes(ap, a) if a.task == "csv" else (a.n_train, a.n_test)
@@ -258,7 +287,8 @@ def _compare(a, ap) -> int:
     return 0
 
 
-def _sweep(a) -> int:
+def _sweep(a, ap) -> int:
+    _check_cnn_flags(ap, a)
     from .experiments import plot_distances, sweep_r
     cfg = _cnn_config(a)
     result = sweep_r(cfg, tuple(a.rs))
@@ -283,7 +313,7 @@ def main(argv=None) -> int:
         return 0
     if a.cmd == "compare":
         return _compare(a, ap.commands["compare"])
-    return _sweep(a)
+    return _sweep(a, ap.commands["sweep-r"])
 
 
 if __name__ == "__main__":

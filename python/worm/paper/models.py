@@ -167,8 +167,8 @@ def torchvision_model(name: str, in_channels: int = 3, num_classes: int = 10) ->
     names = set(torchvision.models.list_models(module=torchvision.models))
     if name not in names:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} or a "
-                         "torchvision classification model (e.g. resnet18, mobilenet_v3_small, "
-                         "efficientnet_b0, regnet_x_400mf, densenet121)")
+                         "torchvision classification model (e.g. mobilenet_v3_small, efficientnet_b0, "
+                         "regnet_x_400mf, densenet121)")
     if 3 % in_channels:
         raise ValueError(f"torchvision models take 3-channel images; {in_channels} channels "
                          "cannot be repeated to 3")

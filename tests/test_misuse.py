@@ -1,0 +1,60 @@
+"""Misuses a new user hit (found by trying the package): each is refused with one clear
+message instead of a silently wrong search or a traceback."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import worm
+from worm import ops
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+
+
+def test_step_is_refused_when_the_search_samples_by_itself():
+    m = _net()
+    opt = worm.WormSGD(m.parameters(), lr=0.1)
+    s = worm.EarlyBird(m, opt, window=2, every=1)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    nn.functional.cross_entropy(m(x), y).backward()
+    opt.step()
+    assert len(s.history) == 1  # the hook sampled
+    with pytest.raises(RuntimeError, match="samples by itself every 1"):
+        s.step()
+    assert len(s.history) == 1 and not s.found  # nothing pushed, no fake ticket
+
+
+def test_r_above_one_is_refused_at_build():
+    m = _net()
+    with pytest.raises(ValueError, match="amplify"):
+        worm.EarlyBird(m, worm.WormSGD(m.parameters(), lr=0.1), r=5)
+    worm.EarlyBird(m, worm.WormSGD(m.parameters(), lr=0.1), r=1.0).close()  # 1: plain step
+
+
+@pytest.mark.parametrize("ks", [0.5, [0.5], [True], "5"])
+def test_select_thresholds_says_ks_are_counts(ks):
+    with pytest.raises(TypeError, match="num_pruned"):
+        ops.select_thresholds([torch.randn(10)], ks)
+    thr, _ = ops.select_thresholds([torch.randn(10)], [5.0])  # a whole float is a count
+    assert thr.shape == (1,)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["compare", "--model", "nosuchnet"], "--model nosuchnet: unknown"),
+    (["compare", "--dataset", "foo"], "--dataset foo: unknown"),
+    (["compare", "--task", "minilm-rt", "--model", "resnet18"], "applies to CNN runs"),
+    (["compare", "--r", "5"], "outside [0, 1]"),
+    (["sweep-r", "--model", "x"], "--model x: unknown"),
+])
+def test_cli_names_and_ranges_are_usage_errors(args, expect):
+    r = subprocess.run([sys.executable, "-m", "worm", *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) <= 2 and "Traceback" not in r.stderr, r.stderr  # usage line + error line
+    assert expect in lines[-1]
