@@ -58,3 +58,18 @@ def test_cli_names_and_ranges_are_usage_errors(args, expect):
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) <= 2 and "Traceback" not in r.stderr, r.stderr  # usage line + error line
     assert expect in lines[-1]
+
+
+def test_state_dict_is_sgds_while_a_search_truncates():
+    m = _net()
+    opt = worm.WormSGD(m.parameters(), lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(_net().parameters(), lr=0.1, momentum=0.9)
+    s = worm.EarlyBird(m, opt, mode="truncate", window=2)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    nn.functional.cross_entropy(m(x), y).backward()
+    opt.step()
+    s.step()
+    assert s.truncating
+    assert set(opt.state_dict()) == set(ref.state_dict())  # the search saves its own bits
+    opt.set_truncation({m[0].weight: torch.ones(6, 4, dtype=torch.bool)}, r=0.5)
+    assert set(opt.state_dict()) - set(ref.state_dict())  # masks set by hand travel along

@@ -477,8 +477,10 @@ class WormSGD(torch.optim.SGD):
     def state_dict(self):
         sd = super().state_dict()
         index_of = {id(p): i for i, p in enumerate(_all_params(self))}
-        sd[_STATE_KEY] = self._trunc.owner_state(_USER, index_of)
-        return sd
+        mine = self._trunc.owner_state(_USER, index_of)
+        if mine.get("bits"):  # only masks set by hand; a search saves its own
+            sd[_STATE_KEY] = mine
+        return sd  # otherwise exactly torch.optim.SGD's
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
