@@ -40,7 +40,7 @@ import torch
 
 from . import ops
 from . import reference as _ref
-from .window import MaskWindow
+from .window import MaskWindow, check_length
 
 __all__ = ["is_dtensor", "local", "local_numel", "sharded_window", "ShardedMaskWindow", "full_masks",
            "distribute_like", "check_replicated_window",
@@ -277,12 +277,10 @@ class ShardedMaskWindow(MaskWindow):
     """
 
     def __init__(self, reps, length: int):
-        if int(length) != length or length < 2:
-            raise ValueError(f"window must be an integer >= 2 (distances need an older mask), "
+        self.length = check_length(length)
+        if self.length > ops.MAX_WINDOW:  # one mask-update call covers the whole window here
+            raise ValueError(f"a sharded search's window must be at most {ops.MAX_WINDOW}, "
                              f"got {length!r}")
-        if length > ops.MAX_WINDOW:
-            raise ValueError(f"window must be at most {ops.MAX_WINDOW}, got {length!r}")
-        self.length = int(length)
         self.count = 0
         self.reps = list(reps)
         layouts = [_shard_layout(r.param) for r in self.reps]

@@ -23,13 +23,18 @@ __all__ = ["MaskWindow", "SCORED_DTYPES"]
 SCORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def check_length(length) -> int:
+    """The window length l as an int, refused unless >= 2 (distances need an older mask)."""
+    if int(length) != length or length < 2:
+        raise ValueError(f"window must be an integer >= 2 (distances need an older mask), "
+                         f"got {length!r}")
+    return int(length)
+
+
 class MaskWindow:
     def __init__(self, reps: Sequence[RepTensor], length: int, device):
-        if int(length) != length or length < 2:
-            raise ValueError(f"window must be an integer >= 2 (distances need an older mask), "
-                             f"got {length!r}")
+        self.length = check_length(length)
         self.reps = list(reps)
-        self.length = int(length)
         numels = [rep.numel for rep in self.reps]
         self.numel = sum(numels)
         self.offsets = byte_offsets(numels)
