@@ -5,7 +5,7 @@ At BERT-base Q/K size (24 tensors of 768x768 = 14.2M entries):
   (worm.reference thresholds + mask_update_) and vs one read of the scores (torch.sum);
 * the WormSGD step with truncation (momentum 0.9, wd 1e-4) vs the faster of
   torch.optim.SGD foreach / single-tensor without truncation.
-Targets: sampling >= 15x faster than the reference and within 6x of one read;
+Targets: sampling >= 15x faster than the reference and within 4x of one read (issue 12);
 SGD step within 1.10x of the faster torch SGD.
 
     PYTHONPATH=python:. python3 bench/bench_native.py [--quick]
@@ -92,7 +92,7 @@ def rows(device="cpu", sizes=BERT_QK, reps=5, window=3):
                     ratio=t_ref / t_nat, target=">= 15x faster", ok=t_ref / t_nat >= 15))
     out.append(dict(op="mask sampling vs one read (torch.sum)", entries=n, native_ms=t_nat * 1e3,
                     baseline="one read of the scores", baseline_ms=t_read * 1e3,
-                    ratio=t_nat / t_read, target="<= 6x one read", ok=t_nat / t_read <= 6))
+                    ratio=t_nat / t_read, target="<= 4x one read (issue 12)", ok=t_nat / t_read <= 4))
     out.append(dict(op="select_thresholds alone", entries=n, native_ms=t_sel * 1e3,
                     baseline="one read of the scores", baseline_ms=t_read * 1e3,
                     ratio=t_sel / t_read, target="-", ok=True))
