@@ -106,7 +106,7 @@ def rows(device="cpu", sizes=BERT_QK, reps=5, window=3):
               maximize=False)
 
     def native_sgd():
-        be.sgd_step_(params, grads, bufs, [0] * len(params), bits, **kw)
+        be.sgd_step_(params, grads, bufs, bits, **kw)
 
     def torch_sgd(foreach):
         ps = [torch.nn.Parameter(t.clone()) for t in ts]
