@@ -73,3 +73,43 @@ def test_state_dict_is_sgds_while_a_search_truncates():
     assert set(opt.state_dict()) == set(ref.state_dict())  # the search saves its own bits
     opt.set_truncation({m[0].weight: torch.ones(6, 4, dtype=torch.bool)}, r=0.5)
     assert set(opt.state_dict()) - set(ref.state_dict())  # masks set by hand travel along
+
+
+@pytest.mark.parametrize("opt_kind", ["wormsgd", "sgd", "adamw"])
+def test_l1_penalty_does_not_depend_on_the_amp_loss_scale(opt_kind):
+    """A fused step under GradScaler unscales after the pre-step pass: the penalty added
+    there must be scaled with the gradient it joins (found by review)."""
+    out = []
+    for scale in (1.0, 65536.0):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 1))
+        make = {"wormsgd": lambda p: worm.WormSGD(p, lr=0.1, fused=True),
+                "sgd": lambda p: torch.optim.SGD(p, lr=0.1, fused=True),
+                "adamw": lambda p: torch.optim.AdamW(p, lr=0.1, fused=True)}[opt_kind]
+        opt = make(m.parameters())
+        s = worm.EarlyBird(m, opt, mode="eb", l1=0.5)
+        sc = torch.amp.GradScaler("cpu", init_scale=scale)
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+        opt.zero_grad()
+        sc.scale(m(x).pow(2).mean()).backward()
+        sc.step(opt)
+        sc.update()
+        out.append(m[1].weight.detach().clone())
+        s.close()
+    assert torch.equal(out[0], out[1])
+
+
+def test_resume_refuses_another_l1_and_an_r_above_one():
+    m = _net()
+    opt = worm.WormSGD(m.parameters(), lr=0.1)
+    sd = worm.EarlyBird(m, opt, mode="eb", l1=0.01).state_dict()
+    m2 = _net()
+    s2 = worm.EarlyBird(m2, worm.WormSGD(m2.parameters(), lr=0.1), mode="eb", l1=0.0)
+    with pytest.raises(ValueError, match="l1"):
+        s2.load_state_dict(sd)
+    m3 = _net()
+    s3 = worm.EarlyBird(m3, worm.WormSGD(m3.parameters(), lr=0.1), mode="worm")
+    bad = s3.state_dict()
+    bad["config"] = dict(bad["config"], r=5.0)
+    with pytest.raises(ValueError, match="amplify"):
+        s3.load_state_dict(bad)

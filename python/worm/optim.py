@@ -366,7 +366,7 @@ class WormSGD(torch.optim.SGD):
                     if p.grad is None:
                         continue
                     g = _truncated_grad(p.grad, bits[p], r_of[p]) if p in bits else p.grad.clone()
-                    g.add_(_l1_sign(p, m), alpha=l1)
+                    g.add_(_l1_sign(p, m, _amp_scale(self)), alpha=l1)
                     swapped.append((p, p.grad))
                     p.grad = g
             done = {id(p) for p, _ in swapped}
@@ -515,24 +515,37 @@ def _state_of(optimizer) -> _TruncationState:
     st = _PRE_HOOKED.get(optimizer)
     if st is None:
         st = _TruncationState()
-        optimizer.register_step_pre_hook(lambda opt, args, kwargs, st=st: _truncate_grads(st))
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs, st=st: _truncate_grads(st, opt))
         _PRE_HOOKED[optimizer] = st
     return st
 
 
-def _l1_sign(p: torch.Tensor, m: Optional[torch.Tensor]) -> torch.Tensor:
+def _amp_scale(optimizer) -> Optional[torch.Tensor]:
+    """The loss scale GradScaler hands a fused optimizer (``optimizer.grad_scale``) while
+    its gradients are still scaled; None once they are unscaled or without AMP."""
+    gs = getattr(optimizer, "grad_scale", None)
+    return gs if isinstance(gs, torch.Tensor) else None
+
+
+def _l1_sign(p: torch.Tensor, m: Optional[torch.Tensor],
+             scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sign(w) on the penalised entries; times the loss scale when the gradient it joins
+    is still scaled (a fused step under GradScaler unscales it afterwards, and a penalty
+    added unscaled would shrink to l1/scale). The scale is a power of two: exact."""
     s = p.detach().sign()
-    return s if m is None else s * m
+    s = s if m is None else s * m
+    return s if scale is None else s * scale.to(device=s.device, dtype=s.dtype)
 
 
-def _truncate_grads(st: _TruncationState) -> None:
+def _truncate_grads(st: _TruncationState, optimizer=None) -> None:
     """In place on p.grad, once per step: every owner's masks, then the slimming penalty."""
     _truncate_only(st)
     if st.penalised:
+        scale = _amp_scale(optimizer)
         with torch.no_grad():
             for p, m, l1 in st.penalty_terms():
                 if p.grad is not None:
-                    _local(p.grad).add_(_local(_l1_sign(p, m)), alpha=l1)
+                    _local(p.grad).add_(_local(_l1_sign(p, m, scale)), alpha=l1)
     return None
 
 

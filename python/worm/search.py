@@ -63,6 +63,15 @@ class Record:
     seconds: float                  # wall time of the sampling step itself
 
 
+def _check_worm_r(r) -> float:
+    """WORM's truncation factor: a number in [0, 1] (r = 1 is the plain step)."""
+    r = _check_r(r)
+    if r > 1:
+        raise ValueError(f"r={r!r} > 1 would amplify the gradients of the weights the mask "
+                         "prunes; WORM truncates them: use 0 <= r <= 1 (paper: 3e-3)")
+    return r
+
+
 class EarlyBird:
     """Early-Bird ticket search; ``mode="worm"`` adds WORM's gradient truncation.
 
@@ -105,10 +114,7 @@ class EarlyBird:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         self.prune_ratio = _ref.check_ratio(prune_ratio)
         self.mode, self.stop, self.delta = mode, stop, delta
-        self.r = _check_r(r)
-        if self.r > 1:
-            raise ValueError(f"r={self.r!r} > 1 would amplify the gradients of the weights the "
-                             "mask prunes; WORM truncates them: use 0 <= r <= 1 (paper: 3e-3)")
+        self.r = _check_worm_r(r)
         self.l1 = l1
         self.scope, self.every = scope, every
         self.model, self.optimizer = model, optimizer
@@ -294,7 +300,8 @@ class EarlyBird:
         mine = self._config()
         theirs = sd.get("config", {})
         # Everything is checked and parsed before anything changes.
-        for key in ("mode", "prune_ratio", "window", "scope", "every"):
+        theirs = {"l1": 0.0, **theirs}  # states saved before l1 existed had none
+        for key in ("mode", "prune_ratio", "window", "scope", "every", "l1"):
             if theirs.get(key) != mine[key]:
                 raise ValueError(f"cannot load search state: {key} is {theirs.get(key)!r} in the "
                                  f"state dict but {mine[key]!r} here")
@@ -314,7 +321,7 @@ class EarlyBird:
                              f"state dict but {mine['numel']!r} here")
         stop = _finite("stop (s)", theirs["stop"], 0.0, lo_ok=False)
         delta = _finite("delta", theirs["delta"], 0.0, lo_ok=True)
-        r = _check_r(theirs["r"])
+        r = _check_worm_r(theirs["r"])
         history = sd["history"]
         history = [Record(**h) for h in (json.loads(history) if isinstance(history, str) else history)]
         opt_steps, found, truncating = int(sd["opt_steps"]), bool(sd["found"]), bool(sd["truncating"])

@@ -141,10 +141,7 @@ class MaskWindow:
                                      device=self.ring.device)
                     maps[rep.param] = src
                 pos = self.offsets[i] * 8 + torch.arange(rep.numel, device=src.device)
-                if rep.index is None:
-                    src.copy_(pos.reshape(rep.shape))
-                else:
-                    src[rep.index] = pos.reshape(rep.shape)
+                src[rep.index] = pos.reshape(rep.shape)  # whole tensors were skipped above
             self._bit_maps = {p: m.reshape(-1) for p, m in maps.items()}
         return self._bit_maps
 
