@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from testkit import truncating_hook
+from testkit import backward_and_step, truncating_hook
 from torch import nn
 
 import worm
@@ -50,13 +50,7 @@ def _run(model, opt, xs, scaler=None, autocast=None):
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
             loss = model(x).float().pow(2).mean()
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        backward_and_step(loss, opt, scaler)
 
 
 def _inputs(n=3, channels_last=False, dtype=torch.float32):

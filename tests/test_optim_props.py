@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from testkit import truncating_hook
+from testkit import backward_and_step, truncating_hook
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -76,14 +76,20 @@ def _loss(params, G):
 def _train(params, opt, grads, scaler):
     for G in grads:
         opt.zero_grad()
-        loss = _loss(params, G)
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        backward_and_step(_loss(params, G), opt, scaler)
+
+
+def _hooked_twins(spec, seed, owners, r_of):
+    """Two equal parameter sets: ``a`` with truncating gradient hooks (the reference),
+    ``b`` bare for the optimizer under test; the keep masks and each param's owner."""
+    a, b = _make(spec, seed), _make(spec, seed)
+    keeps = [torch.rand(p.shape, generator=torch.Generator().manual_seed(seed + i)) > 0.5
+             for i, p in enumerate(a)]
+    own = owners[:len(a)]
+    for p, keep, o in zip(a, keeps, own):
+        if o != "none":
+            p.register_hook(truncating_hook(keep, r_of[o]))
+    return a, b, keeps, own
 
 
 def _scaler_takes(spec, fused):
@@ -141,13 +147,7 @@ def test_wormsgd_equals_sgd_with_gradient_hooks(spec, hyper, flags, owners, rs, 
     kw = {"default": {}, "foreach": {"foreach": True}, "single": {"foreach": False},
           "fused": {"fused": True}}[flags]
     r_of = {"user": rs[0], "search1": rs[1], "search2": 0.5}
-    a, b = _make(spec, seed), _make(spec, seed)
-    keeps = [torch.rand(p.shape, generator=torch.Generator().manual_seed(seed + i)) > 0.5
-             for i, p in enumerate(a)]
-    own = owners[:len(a)]
-    for p, keep, o in zip(a, keeps, own):
-        if o != "none":
-            p.register_hook(truncating_hook(keep, r_of[o]))
+    a, b, keeps, own = _hooked_twins(spec, seed, owners, r_of)
     ref_opt = torch.optim.SGD(_groups(a, split, (hyper["lr"], 0.05)), **hyper, **kw)
     opt = worm.WormSGD(_groups(b, split, (hyper["lr"], 0.05)), **hyper, **kw)
     handles = {o: GradTruncation(opt) for o in ("search1", "search2")}
@@ -192,13 +192,7 @@ def test_adamw_pre_hook_equals_gradient_hooks(spec, owners, fused, amp, seed):
         fused = False
     amp = amp and _scaler_takes(spec, fused)
     r_of = {"h1": 3e-3, "h2": 0.25}
-    a, b = _make(spec, seed), _make(spec, seed)
-    keeps = [torch.rand(p.shape, generator=torch.Generator().manual_seed(seed + i)) > 0.5
-             for i, p in enumerate(a)]
-    own = owners[:len(a)]
-    for p, keep, o in zip(a, keeps, own):
-        if o != "none":
-            p.register_hook(truncating_hook(keep, r_of[o]))
+    a, b, keeps, own = _hooked_twins(spec, seed, owners, r_of)
     kw = {"fused": True} if fused else {"foreach": False}
     ref_opt = torch.optim.AdamW(a, lr=1e-2, weight_decay=0.1, **kw)
     opt = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, **kw)

@@ -39,3 +39,14 @@ def zeroed_realised(model, plan):
             mods[name].weight[~keep] = 0
             mods[name].bias[~keep] = 0
     return ref
+
+
+def backward_and_step(loss, opt, scaler=None):
+    """loss.backward() and opt.step(), through a GradScaler when one is given."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
