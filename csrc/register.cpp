@@ -16,6 +16,11 @@
 TORCH_LIBRARY(worm_native, m) {
   m.def("select_thresholds(Tensor[] tensors, int[] ks, str scope) -> (Tensor, Tensor)");
   m.def("mask_update_(Tensor[] tensors, Tensor thr, Tensor(a!) window, int head) -> Tensor");
+  // select_thresholds then mask_update_ with its thresholds, fused (CPU only); on
+  // NaN/Inf the window is left as it was and the counts are 0.
+  m.def(
+      "sample_mask_(Tensor[] tensors, int[] ks, str scope, Tensor(a!) window, int head) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("truncate_(Tensor(a!)[] grads, Tensor[] keep_bits, float r) -> ()");
   // momentum_buffers: one per param (allocated by the caller) or none when momentum
   // == 0; fresh[i] != 0 marks a buffer that this step initialises, as torch.optim.SGD

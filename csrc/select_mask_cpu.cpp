@@ -1,5 +1,6 @@
-// CPU: exact threshold selection (radix select on fp32 bit patterns) and the fused
-// mask update (compare, pack, write window[head], XOR-popcount every row), one pass.
+// CPU: the radix select (small sets, and the exact finish of sets of massive ties;
+// large sets take the two-level plan of sample_cpu.cpp) and the fused mask update
+// (compare, pack, write window[head], XOR-popcount every row), one pass.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -8,86 +9,18 @@
 #include <cstring>
 #include <limits>
 
-#include "common.h"
+#include "cpu_keys.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
 
 namespace worm {
-namespace {
-
-constexpr uint32_t kInfKey = 0x7f800000u;  // |w| keys at or above this are Inf/NaN
-
-// A run of entries of one tensor.
-struct Src {
-  const void* p;
-  int64_t n;
-  int32_t dt;
-};
-struct Chunk {
-  int32_t src;
-  int64_t begin, end;
-};
-
-inline uint32_t f32_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float bits_f32(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// Key of an entry: the fp32 bit pattern of |w|. For non-negative floats (and the
-// NaN patterns above +inf) unsigned order of keys is numeric order.
-template <int DT>
-inline uint32_t key_at(const void* p, int64_t i) {
-  if constexpr (DT == kF32) {
-    uint32_t u;
-    std::memcpy(&u, static_cast<const char*>(p) + 4 * i, 4);
-    return u & 0x7fffffffu;
-  } else {
-    uint16_t h = static_cast<const uint16_t*>(p)[i] & 0x7fffu;
-    if constexpr (DT == kBF16) return uint32_t(h) << 16;
-    else return f32_bits(c10::detail::fp16_ieee_to_fp32_value(h));
-  }
-}
-
-template <class F>
-inline void dispatch_dt(int32_t dt, F&& f) {
-  if (dt == kF32) f(std::integral_constant<int, kF32>{});
-  else if (dt == kBF16) f(std::integral_constant<int, kBF16>{});
-  else f(std::integral_constant<int, kF16>{});
-}
-
-std::vector<Chunk> make_chunks(const std::vector<Src>& srcs, int64_t chunk) {
-  std::vector<Chunk> out;
-  for (size_t s = 0; s < srcs.size(); ++s)
-    for (int64_t b = 0; b < srcs[s].n; b += chunk)
-      out.push_back({int32_t(s), b, std::min(srcs[s].n, b + chunk)});
-  return out;
-}
-
-// Runs fn(task, chunk_begin, chunk_end) over `tasks` static slices of nchunks.
-template <class F>
-void run_tasks(int64_t nchunks, int64_t tasks, bool parallel, F&& fn) {
-  if (!parallel || tasks <= 1) {
-    for (int64_t t = 0; t < tasks; ++t) fn(t, nchunks * t / tasks, nchunks * (t + 1) / tasks);
-    return;
-  }
-  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) fn(t, nchunks * t / tasks, nchunks * (t + 1) / tasks);
-  });
-}
-
-// The key of the k-th smallest entry (1 <= k <= total) of srcs: one histogram pass per
-// digit, each pass looking only at keys that share the digits chosen so far.
-// nonfinite[s] gets the count of Inf/NaN entries of srcs[s] (first pass).
+// Declared in cpu_keys.h. Each pass takes one digit of the bits below the resolved
+// prefix and counts only keys that share the prefix; the first pass from the top
+// (below == 31) counts every key and, by the way, the non-finite ones.
 uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel,
-                      int64_t* nonfinite) {
+                      int64_t* nonfinite, uint32_t start_prefix, int below) {
   int64_t total = 0;
   bool all_bf16 = true, all_f16 = true;
   for (const auto& s : srcs) {
@@ -96,11 +29,12 @@ uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel,
     all_f16 &= s.dt == kF16;
   }
   // bf16 and fp16 keys have zero low bits: fewer digits to resolve.
-  const int low = all_bf16 ? 16 : (all_f16 ? 13 : 0);
+  const int low = std::min(below, all_bf16 ? 16 : (all_f16 ? 13 : 0));
   // small sets: small histograms; large ones: two passes (the first with 64 Ki bins)
   const int max_digit = total < 4096 ? 8 : (total >= (int64_t(1) << 22) ? 16 : 11);
-  const int nbits = 31 - low;
+  const int nbits = below - low;
   const int npass = (nbits + max_digit - 1) / max_digit;
+  if (npass == 0) return start_prefix << below;
 
   const int64_t chunk = 1 << 16;
   auto chunks = make_chunks(srcs, chunk);
@@ -108,15 +42,15 @@ uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel,
   parallel = parallel && total >= kMinParallelEntries;
   const int64_t tasks = parallel ? std::min<int64_t>(at::get_num_threads(), nchunks) : 1;
 
-  uint32_t prefix = 0;  // the digits chosen so far
-  int pshift = 31;      // keys match when (key >> pshift) == prefix
-  int hi = 31;
+  uint32_t prefix = start_prefix;  // the digits chosen so far
+  int pshift = below;              // keys match when (key >> pshift) == prefix
+  int hi = below;
   for (int pass = 0; pass < npass; ++pass) {
     const int digit = (hi - low + (npass - pass) - 1) / (npass - pass);  // <= max_digit
     const int shift = hi - digit;
     const int64_t nbins = int64_t(1) << digit;
     const uint32_t mask = uint32_t(nbins - 1);
-    const bool first = pass == 0;
+    const bool first = pass == 0 && below == 31;
     std::vector<int64_t> hist(tasks * nbins, 0);
     std::vector<int64_t> nf(first && nonfinite ? tasks * srcs.size() : 0, 0);
     run_tasks(nchunks, tasks, parallel, [&](int64_t t, int64_t cb, int64_t ce) {
@@ -160,76 +94,8 @@ uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel,
   return prefix << low;
 }
 
-std::tuple<at::Tensor, at::Tensor> select_thresholds_cpu(at::TensorList tensors_,
-                                                         at::IntArrayRef ks,
-                                                         c10::string_view scope_) {
-  std::vector<at::Tensor> tensors(tensors_.begin(), tensors_.end());
-  TORCH_CHECK(!tensors.empty(), "worm: select_thresholds got no tensors");
-  check_list(tensors, "tensors", tensors[0].device());
-  TORCH_CHECK(tensors[0].is_cpu(), "worm: the C++ select_thresholds takes CPU tensors");
-  const bool global = check_ks(tensors, ks, std::string(scope_));
-  const int64_t T = tensors.size();
-  std::vector<Src> srcs;
-  for (size_t i = 0; i < tensors.size(); ++i)
-    srcs.push_back({tensors[i].data_ptr(), tensors[i].numel(), dtype_code(tensors[i], "tensors", i)});
-
-  at::Tensor thr = at::empty({T}, at::kFloat);
-  at::Tensor nonfinite = at::zeros({T}, at::kLong);
-  float* thr_p = thr.data_ptr<float>();
-  int64_t* nf_p = nonfinite.data_ptr<int64_t>();
-  const float ninf = -std::numeric_limits<float>::infinity();
-
-  // Non-finite entries are counted in each select's first pass; where k == 0 (no
-  // select runs) they are counted separately.
-  auto count_nonfinite = [&](size_t i) {
-    std::vector<Src> one{srcs[i]};
-    radix_select(one, 1, true, nf_p + i);
-  };
-  if (global) {
-    float t = ninf;
-    if (ks[0] > 0) t = bits_f32(radix_select(srcs, ks[0], true, nf_p));
-    else for (int64_t i = 0; i < T; ++i) count_nonfinite(i);
-    for (int64_t i = 0; i < T; ++i) thr_p[i] = t;
-  } else {
-    // Large tensors: parallel inside; small ones: one serial select each, in parallel.
-    std::vector<int64_t> small;
-    for (int64_t i = 0; i < T; ++i) {
-      if (srcs[i].n < (1 << 17)) { small.push_back(i); continue; }
-      std::vector<Src> one{srcs[i]};
-      thr_p[i] = ks[i] > 0 ? bits_f32(radix_select(one, ks[i], true, nf_p + i)) : ninf;
-      if (ks[i] == 0) count_nonfinite(i);
-    }
-    int64_t small_total = 0;
-    for (int64_t i : small) small_total += srcs[i].n;
-    const int64_t grain = small_total >= kMinParallelEntries ? 4 : int64_t(small.size()) + 1;
-    at::parallel_for(0, small.size(), grain, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) {
-        int64_t i = small[j];
-        std::vector<Src> one{srcs[i]};
-        uint32_t key = radix_select(one, ks[i] > 0 ? ks[i] : 1, false, nf_p + i);
-        thr_p[i] = ks[i] > 0 ? bits_f32(key) : ninf;
-      }
-    });
-  }
-  // Any Inf/NaN: no threshold means anything (the caller raises, naming the tensor).
-  int64_t bad = 0;
-  for (int64_t i = 0; i < T; ++i) bad += nf_p[i];
-  if (bad) thr.fill_(std::numeric_limits<float>::quiet_NaN());
-  return {thr, nonfinite};
-}
-
 // ------------------------------------------------------------------- mask update
-inline uint64_t load8(const uint8_t* p) {
-  uint64_t v;
-  std::memcpy(&v, p, 8);
-  return v;
-}
-inline int popcount64(uint64_t x) {  // portable: no popcnt instruction assumed
-  x = x - ((x >> 1) & 0x5555555555555555ull);
-  x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
-  x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0full;
-  return int((x * 0x0101010101010101ull) >> 56);
-}
+namespace {
 
 // 16-bit types compare in their own bit domain: keep iff T < |h| <= inf, where T is
 // the largest |h| pattern whose value is <= thr (-1: all finite kept; NaN thr: none).
@@ -371,7 +237,6 @@ at::Tensor mask_update_cpu(at::TensorList tensors_, const at::Tensor& thr_, cons
 }  // namespace
 
 TORCH_LIBRARY_IMPL(worm_native, CPU, m) {
-  m.impl("select_thresholds", &select_thresholds_cpu);
   m.impl("mask_update_", &mask_update_cpu);
 }
 

@@ -678,6 +678,70 @@ def test_forced_backend_that_cannot_run_says_why(monkeypatch):
         ops.backend(DEV)
 
 
+# ------------------------------------------------------------------ sample_mask_
+def _check_sample(ts, ks, scope, win, head, what):
+    """sample_mask_ against the reference select, then the reference mask update."""
+    cpu = [t.cpu() for t in ts]
+    want_thr, want_nf = _backends.reference_select_thresholds(cpu, ks, scope)
+    want_win = win.cpu().clone()
+    if int(want_nf.sum()) == 0:
+        want_counts = R.mask_update_(cpu, want_thr, want_win, head)
+    else:  # NaN/Inf: the window stays as it was
+        want_counts = torch.zeros(win.shape[0], dtype=torch.int64)
+    thr, nf, counts = ops.sample_mask_(ts, ks, scope, win, head)
+    assert counts.dtype == torch.int64 and counts.shape == (win.shape[0],)
+    assert_same(thr, want_thr, f"{what} thresholds")
+    assert_same(nf, want_nf, f"{what} nonfinite counts")
+    assert_same(win, want_win, f"{what} window bytes")
+    assert_same(counts, want_counts, f"{what} xor counts")
+
+
+@pytest.mark.parametrize("impl,kind", impl_kind_params(C.KINDS), indirect=["impl"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("dtype", C.DTYPES, ids=str)
+def test_sample_mask_is_select_then_mask_update(impl, kind, dtype, scope):
+    ts = C.make(kind, dtype, DEV)
+    nbytes = R.byte_offsets([t.numel() for t in ts])[-1]
+    rs = _ratios(kind, ts)
+    if impl == "triton" and INTERPRETED:
+        rs = rs[-1:]
+    for i, p in enumerate(rs):
+        length = (1, 3, 5)[i % 3]
+        head = i % length
+        _check_sample(ts, _ks(ts, p, scope), scope, _window(nbytes, length, seed=i), head,
+                      (kind, p, length, head))
+
+
+@with_impls()
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_sample_mask_leaves_the_window_on_nonfinite(impl, bad):
+    ts = C.make("many_small", torch.float32, DEV)
+    ts[2] = ts[2].clone()
+    ts[2].view(-1)[1] = float(bad)
+    nbytes = R.byte_offsets([t.numel() for t in ts])[-1]
+    for scope in ("global", "layer"):
+        win = _window(nbytes, 3, seed=9)
+        before = win.clone()
+        thr, nf, counts = ops.sample_mask_(ts, _ks(ts, 0.5, scope), scope, win, 1)
+        assert thr.isnan().all(), thr
+        assert nf.tolist() == [1 if i == 2 else 0 for i in range(len(ts))]
+        assert_same(win, before, f"{bad} {scope}: window must be untouched")
+        assert counts.tolist() == [0, 0, 0]
+
+
+@with_impls()
+def test_sample_mask_ring_sequence(impl):
+    """Five steps round a ring of 3: every row and count as select + mask_update give."""
+    ts = C.make("small_and_large", torch.float32, DEV) if not (impl == "triton" and INTERPRETED) \
+        else C.make("many_small", torch.float32, DEV)
+    nbytes = R.byte_offsets([t.numel() for t in ts])[-1]
+    win = torch.zeros(3, nbytes, dtype=torch.uint8, device=DEV)
+    g = torch.Generator().manual_seed(5)
+    for step in range(5):
+        ts = [(t.cpu() + 0.3 * torch.randn(t.shape, generator=g)).to(DEV) for t in ts]
+        _check_sample(ts, _ks(ts, 0.4 + 0.05 * step, "global"), "global", win, step % 3, step)
+
+
 # ---------------------------------------------------------------------- opcheck
 @with_impls()
 def test_opcheck(impl):
@@ -691,6 +755,10 @@ def test_opcheck(impl):
     thr = R.thresholds([t.cpu() for t in ts], 0.5).to(DEV)
     torch.library.opcheck(o.mask_update_.default,
                           (ts, thr, torch.zeros(3, nbytes, dtype=torch.uint8, device=DEV), 1))
+    torch.library.opcheck(o.sample_mask_.default,
+                          (ts, [n // 2], "global", _window(nbytes, 3, seed=2), 1))
+    torch.library.opcheck(o.sample_mask_.default,
+                          (ts, [t.numel() // 3 for t in ts], "layer", _window(nbytes, 2, seed=3), 0))
     grads = [torch.randn(t.shape).to(t.dtype).to(DEV) for t in ts]
     bits = _keep_bits(ts, seed=4)
     torch.library.opcheck(o.truncate_.default, ([x.clone() for x in grads], bits, 3e-3))

@@ -36,17 +36,38 @@ _chosen: dict = {}    # (WORM_BACKEND, device type) -> Impl
 
 
 class Impl:
-    """One implementation of the four ops (raw signatures, checked arguments)."""
+    """One implementation of the ops (raw signatures, checked arguments).
 
-    def __init__(self, name, select_thresholds, mask_update_, truncate_, sgd_step_):
+    ``sample_mask_`` defaults to the implementation's own select and mask update
+    (:func:`composed_sample`); the C++ backend has a fused one.
+    """
+
+    def __init__(self, name, select_thresholds, mask_update_, truncate_, sgd_step_,
+                 sample_mask_=None):
         self.name = name
         self.select_thresholds = select_thresholds
         self.mask_update_ = mask_update_
         self.truncate_ = truncate_
         self.sgd_step_ = sgd_step_
+        self.sample_mask_ = sample_mask_ or composed_sample(select_thresholds, mask_update_)
 
     def __repr__(self):
         return f"Impl({self.name!r})"
+
+
+def composed_sample(select_thresholds, mask_update_):
+    """``sample_mask_`` from a select and a mask update, without a host sync: the head
+    row is kept and put back where the set held NaN/Inf (one row copy each way)."""
+
+    def sample_mask_(tensors, ks, scope, window, head):
+        thr, nonfinite = select_thresholds(tensors, ks, scope)
+        bad = nonfinite.sum() > 0
+        row = window[head].clone()
+        counts = mask_update_(tensors, thr, window, head)
+        window[head] = torch.where(bad, row, window[head])
+        return thr, nonfinite, torch.where(bad, 0, counts)
+
+    return sample_mask_
 
 
 # ------------------------------------------------------------------ reference
@@ -107,7 +128,10 @@ def _native(name):
         raise RuntimeError("worm._C was built without CUDA (no nvcc, no GPU at build time, or "
                            "WORM_NO_CUDA=1); rebuild with WORM_FORCE_CUDA=1 for the CUDA ops")
     ops = torch.ops.worm_native
-    return Impl(name, ops.select_thresholds, ops.mask_update_, ops.truncate_, ops.sgd_step_)
+    # the fused sampling step is CPU-only (csrc/sample_cpu.cpp); CUDA runs the two ops
+    fused = ops.sample_mask_ if name == "cpp" else None
+    return Impl(name, ops.select_thresholds, ops.mask_update_, ops.truncate_, ops.sgd_step_,
+                fused)
 
 
 # ------------------------------------------------------------------ choosing
@@ -180,7 +204,7 @@ def choose(device) -> Impl:
         if device.type == "cuda" and "triton" in ok and "cuda" in ok:
             cu, tr = _loaded["cuda"], _loaded["triton"]
             impl = Impl("cuda+triton", cu.select_thresholds, cu.mask_update_, tr.truncate_,
-                        tr.sgd_step_)
+                        tr.sgd_step_, cu.sample_mask_)
         else:
             impl = _loaded[ok[0]]
     _chosen[key] = impl

@@ -1,6 +1,6 @@
 """Compatibility layer over :mod:`worm.ops` for code that asks "which backend runs here".
 
-``resolve(device)`` returns an object with the backend's ``name`` and the four ops,
+``resolve(device)`` returns an object with the backend's ``name`` and the ops,
 which are the public wrappers of :mod:`worm.ops` (so every call goes through
 ``torch.ops.worm.*``, its checks and its fake kernels). New code should call
 :mod:`worm.ops` directly; the choice of implementation is in :mod:`worm._backends`.
@@ -28,7 +28,7 @@ def _usable(name: str, device: torch.device):
 
 
 def resolve(device=None) -> SimpleNamespace:
-    """The backend that runs ops on ``device`` now: ``name`` and the four ops.
+    """The backend that runs ops on ``device`` now: ``name`` and the ops.
 
     Raises (``ValueError``/``RuntimeError``, saying why) when ``WORM_BACKEND`` names
     an unknown backend or one that cannot run on ``device``.
@@ -38,7 +38,8 @@ def resolve(device=None) -> SimpleNamespace:
 
 # Built once: torch.compile traces resolve() inside WormSGD.step and cannot build objects.
 _BY_NAME = {name: SimpleNamespace(name=name, select_thresholds=ops.select_thresholds,
-                                  mask_update_=ops.mask_update_, truncate_=ops.truncate_,
+                                  mask_update_=ops.mask_update_, sample_mask_=ops.sample_mask_,
+                                  truncate_=ops.truncate_,
                                   sgd_step_=ops.sgd_step_)
             for name in BACKENDS + ("cuda+triton",)}
 

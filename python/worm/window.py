@@ -1,8 +1,9 @@
 """The mask window: the last ``l`` packed masks of a representative set, on its device.
 
 A ring ``uint8 [l, B]`` in the packed layout of :mod:`worm.packing` (docs/ops.md).
-:meth:`MaskWindow.push` samples a new mask through the ops (threshold selection, then
-the fused mask update that also counts the differing bits against every row) and
+:meth:`MaskWindow.push` samples a new mask through the ops (``sample_mask_``: threshold
+selection, then the mask update that also counts the differing bits against every
+row, one fused step on CPU) and
 :meth:`MaskWindow.distances` turns the counts into the distances the decision rule
 (:mod:`worm.decision`) reads. The window also hands out the newest mask as bool
 masks (the ticket) and as packed truncation bits per parameter.
@@ -51,16 +52,25 @@ class MaskWindow:
 
     # ---------------------------------------------------------------- sampling
     def push(self, ks: Sequence[int], scope: str) -> torch.Tensor:
-        """Sample the reps' mask into the oldest row; int64 [l] XOR counts per row."""
+        """Sample the reps' mask into the oldest row; int64 [l] XOR counts per row.
+
+        NaN/Inf in a representative tensor raises (naming it) with the window as it was.
+        """
         tensors = [rep.contiguous_values() for rep in self.reps]
         tensors = [t.float() if t.dtype == torch.float64 else t for t in tensors]
-        thr, nonfinite = ops.select_thresholds(tensors, ks, scope)
+        head = self.count % self.length
+        if self.length <= ops.MAX_WINDOW:  # one fused step (docs/ops.md)
+            _, nonfinite, counts = ops.sample_mask_(tensors, ks, scope, self.ring, head)
+        else:
+            thr, nonfinite = ops.select_thresholds(tensors, ks, scope)
+            counts = None
         bad = torch.nonzero(nonfinite).flatten().tolist()  # one sync: errors must name the tensor
         if bad:
             names = ", ".join(self.reps[i].name for i in bad)
             raise ValueError(f"NaN or Inf in representative tensor(s) {names}: "
                              "a mask cannot be taken from non-finite weights")
-        counts = self._mask_update(tensors, thr, self.count % self.length)
+        if counts is None:
+            counts = self._mask_update(tensors, thr, head)
         self.count += 1
         return counts
 

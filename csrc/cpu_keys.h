@@ -1,0 +1,103 @@
+// CPU kernels' shared pieces: the sort key of an entry, dtype dispatch, bit tricks,
+// static work splitting, and the radix select that small sets (and sets of massive
+// ties) still use. Semantics: docs/ops.md; oracle: python/worm/reference.py.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace worm {
+
+constexpr uint32_t kInfKey = 0x7f800000u;  // |w| keys at or above this are Inf/NaN
+
+// A run of entries of one tensor.
+struct Src {
+  const void* p;
+  int64_t n;
+  int32_t dt;
+};
+struct Chunk {
+  int32_t src;
+  int64_t begin, end;
+};
+
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Key of an entry: the fp32 bit pattern of |w|. For non-negative floats (and the
+// NaN patterns above +inf) unsigned order of keys is numeric order.
+template <int DT>
+inline uint32_t key_at(const void* p, int64_t i) {
+  if constexpr (DT == kF32) {
+    uint32_t u;
+    std::memcpy(&u, static_cast<const char*>(p) + 4 * i, 4);
+    return u & 0x7fffffffu;
+  } else {
+    uint16_t h = static_cast<const uint16_t*>(p)[i] & 0x7fffu;
+    if constexpr (DT == kBF16) return uint32_t(h) << 16;
+    else return f32_bits(c10::detail::fp16_ieee_to_fp32_value(h));
+  }
+}
+
+template <class F>
+inline void dispatch_dt(int32_t dt, F&& f) {
+  if (dt == kF32) f(std::integral_constant<int, kF32>{});
+  else if (dt == kBF16) f(std::integral_constant<int, kBF16>{});
+  else f(std::integral_constant<int, kF16>{});
+}
+
+inline std::vector<Chunk> make_chunks(const std::vector<Src>& srcs, int64_t chunk) {
+  std::vector<Chunk> out;
+  for (size_t s = 0; s < srcs.size(); ++s)
+    for (int64_t b = 0; b < srcs[s].n; b += chunk)
+      out.push_back({int32_t(s), b, std::min(srcs[s].n, b + chunk)});
+  return out;
+}
+
+// Runs fn(task, chunk_begin, chunk_end) over `tasks` static slices of nchunks.
+template <class F>
+void run_tasks(int64_t nchunks, int64_t tasks, bool parallel, F&& fn) {
+  if (!parallel || tasks <= 1) {
+    for (int64_t t = 0; t < tasks; ++t) fn(t, nchunks * t / tasks, nchunks * (t + 1) / tasks);
+    return;
+  }
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) fn(t, nchunks * t / tasks, nchunks * (t + 1) / tasks);
+  });
+}
+
+inline uint64_t load8(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+inline int popcount64(uint64_t x) {  // portable: no popcnt instruction assumed
+  x = x - ((x >> 1) & 0x5555555555555555ull);
+  x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+  x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0full;
+  return int((x * 0x0101010101010101ull) >> 56);
+}
+
+// The key of the k-th smallest entry (1 <= k <= total) of srcs among the keys whose
+// bits above `below` equal `prefix` (below = 31, prefix = 0: all keys); k counts
+// within those. One histogram pass per digit. nonfinite[s] (when given, and only when
+// the search starts from the top) gets the count of Inf/NaN entries of srcs[s].
+uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel,
+                      int64_t* nonfinite, uint32_t prefix = 0, int below = 31);
+
+}  // namespace worm
