@@ -1,4 +1,4 @@
-"""Property tests: each of the four ops, on every implementation this machine runs,
+"""Property tests: each of the ops, on every implementation this machine runs,
 against the pure-PyTorch reference (worm.reference), over random tensor sets.
 
 Exact: thresholds, NaN/Inf counts, packed masks, XOR counts, truncation. sgd_step_:
@@ -77,8 +77,32 @@ def test_select_thresholds_and_mask_update_match_the_reference(impl):
                                generator=g, dtype=torch.uint8)
         want_window = window.clone()
         want_counts = ref.mask_update_(ts, thr, want_window, head)
+        fused_window = window.clone()
         counts = ops.mask_update_(ts, thr, window, head)
         assert torch.equal(window, want_window) and torch.equal(counts, want_counts)
+        # the fused step: the same thresholds, window and counts in one op
+        f_thr, f_nonfinite, f_counts = ops.sample_mask_(ts, ks, scope, fused_window, head)
+        assert torch.equal(f_thr, want) and not f_nonfinite.any()
+        assert torch.equal(fused_window, want_window) and torch.equal(f_counts, want_counts)
+    _run(impl, check)
+
+
+def test_sample_mask_with_nonfinite_changes_nothing(impl):
+    def check(data):
+        spec = data.draw(tensor_set)
+        ts = _tensors(spec, data.draw(st.integers(0, 2 ** 16)))
+        i = data.draw(st.integers(0, len(ts) - 1))
+        j = data.draw(st.integers(0, ts[i].numel() - 1))
+        ts[i].view(-1)[j] = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+        scope = data.draw(st.sampled_from(["global", "layer"]))
+        ks = [sum(t.numel() for t in ts) // 2] if scope == "global" else [t.numel() // 2 for t in ts]
+        g = torch.Generator().manual_seed(3)
+        window = torch.randint(0, 256, (3, ref.byte_offsets([t.numel() for t in ts])[-1]),
+                               generator=g, dtype=torch.uint8)
+        before = window.clone()
+        thr, nonfinite, counts = ops.sample_mask_(ts, ks, scope, window, 1)
+        assert thr.isnan().all() and nonfinite.tolist() == [int(k == i) for k in range(len(ts))]
+        assert torch.equal(window, before) and counts.tolist() == [0, 0, 0]
     _run(impl, check)
 
 
