@@ -1,22 +1,25 @@
-// CPU: exact threshold selection and the fused sampling step, both on the two-level
-// plan of docs/ops.md ("Two-level selection"):
+// CPU: exact threshold selection and the fused sampling step (sample_mask_), on the
+// plan of docs/ops.md ("Sampling in one pass"), about 1.2 reads of the scores:
 //
-//   level one  one read: a histogram of the top D bits of every key (D <= 16, u32
-//              counters, two interleaved copies so runs of equal bins do not stall on
-//              store-to-load forwarding); the bin holding the k-th key is the bucket;
-//   level two  one read: every entry outside the bucket is decided (kept above it,
-//              pruned below); select_thresholds collects the bucket's entries,
-//              sample_mask_ also writes the provisional mask (bucket entries pruned),
-//              XOR-popcounts it against every window row, and collects each bucket
-//              entry with its bits in every row;
-//   finish     the exact rank inside the few collected keys (nth_element), then the
-//              bucket entries above the threshold get their bit set and every row's
-//              count corrected by one, without another read of the scores.
+//   level one  a window of keys [lo, hi) that holds the k-th key: from a sample of
+//              4 KiB runs (1/8 or 1/4 of the pages) for sets of 2^19+ entries, else
+//              from a histogram of every key's top 10-16 bits (u32 counters, two
+//              interleaved copies so runs of one bin do not stall on store-to-load
+//              forwarding);
+//   level two  one read of every entry: above the window kept, below pruned and
+//              counted, inside collected (key, bit position, its bit in every window
+//              row); sample_mask_ writes the provisional mask (window entries pruned)
+//              and XOR-popcounts it against every row on the way;
+//   finish     the exact rank inside the collected keys (radix passes), then the
+//              collected entries above the threshold get their bit set and every
+//              row's count moves by one for each: no further read of the scores.
 //
-// A bucket of more than max(4096, n/64) entries (massive ties: e.g. most weights
-// exactly zero) is finished by the radix select over the bucket's bits instead (one
-// more read), so memory stays bounded. Masks, thresholds, ties and the NaN/Inf rule
-// are those of the reference (python/worm/reference.py) exactly.
+// Exactness never rests on the sample: a window that misses the k-th key, overflows
+// (ties) or met a NaN/Inf the sample did not see restores the head row and reruns on
+// the exact level one. An exact window of more than max(4096, n/64) entries (massive
+// ties, e.g. most weights exactly zero) is finished by the radix select over its bits
+// (one more read). Masks, thresholds, ties and the NaN/Inf rule are the reference's
+// (python/worm/reference.py) exactly; tests/test_sample_plan.py drives every path.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -295,18 +298,18 @@ bool sampled_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
   const auto mine = members_of(sg, srcs, &all_bf16);
   const auto chunks = make_chunks(mine, kUnit);
   parallel = parallel && sg.n >= kMinParallelEntries;
-  // fn(first, last) over the sampled run of every stratum of a chunk
+  // fn(first, last, stratum) over the sampled run of every stratum of a chunk
   auto runs = [&](const Chunk& ch, auto&& fn) {
     const Src& s = mine[ch.src];
     const int64_t run = kSampleBytes / (s.dt == kF32 ? 4 : 2), span = run << log_stride;
     for (int64_t base = ch.begin; base < ch.end; base += span) {  // span divides kUnit
       const uint32_t stratum = uint32_t(base / span);
       const int64_t i0 = base + run * ((stratum * 0x9E3779B1u) >> (32 - log_stride));
-      if (i0 < ch.end) fn(s, i0, std::min(i0 + run, ch.end));
+      if (i0 < ch.end) fn(s, i0, std::min(i0 + run, ch.end), stratum);
     }
   };
   const auto hist = histogram(chunks, D, parallel, [&](const Chunk& ch, uint32_t* h0, uint32_t* h1) {
-    runs(ch, [&](const Src& s, int64_t i0, int64_t i1) {
+    runs(ch, [&](const Src& s, int64_t i0, int64_t i1, uint32_t) {
       dispatch_dt(s.dt, [&](auto dtc) {
         constexpr int DT = decltype(dtc)::value;
         int64_t i = i0;
@@ -330,14 +333,18 @@ bool sampled_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
       if ((cum += hist[q]) >= r) break;
     return q;
   };
-  // standard error of the fraction below the estimate, across the sampled runs
+  // Standard error of the fraction below the estimate, from the spread of that
+  // fraction across the sampled runs (every m-th run: ~512 of them estimate it well).
   const uint32_t center = uint32_t(bin_of(std::max<int64_t>(1, int64_t(p * double(size))))) << shift;
   const int64_t tasks = parallel ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(chunks.size()))) : 1;
+  const int64_t all_runs = std::max<int64_t>(1, size * 2 / kSampleBytes);  // >= the fp32 count
+  const uint32_t every = uint32_t(std::max<int64_t>(1, all_runs / 512));
   std::vector<double> sums(3 * tasks, 0.0);  // runs, sum f, sum f^2
   run_tasks(chunks.size(), tasks, parallel, [&](int64_t t, int64_t cb, int64_t ce) {
     double nr = 0, sf = 0, sf2 = 0;
     for (int64_t c = cb; c < ce; ++c)
-      runs(chunks[c], [&](const Src& s, int64_t i0, int64_t i1) {
+      runs(chunks[c], [&](const Src& s, int64_t i0, int64_t i1, uint32_t stratum) {
+        if (stratum % every) return;
         dispatch_dt(s.dt, [&](auto dtc) {
           constexpr int DT = decltype(dtc)::value;
           int64_t below = 0;
@@ -350,7 +357,10 @@ bool sampled_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
   });
   double nr = 0, sf = 0, sf2 = 0;
   for (int64_t t = 0; t < tasks; ++t) nr += sums[3 * t], sf += sums[3 * t + 1], sf2 += sums[3 * t + 2];
-  const double var_runs = nr > 1 ? std::max(0.0, (sf2 - sf * sf / nr) / (nr - 1)) / nr : 1.0;
+  // variance of one run's fraction over the number of runs the whole sample has
+  const double runs_in_sample = nr * double(every);
+  const double var_runs =
+      nr > 1 ? std::max(0.0, (sf2 - sf * sf / nr) / (nr - 1)) / runs_in_sample : 1.0;
   const double se = std::max(std::sqrt(var_runs), std::sqrt(p * (1.0 - p) / double(size)));
   const double margin = (5.0 * se + 16.0 / double(size)) * double(size);
   const int64_t r_lo = int64_t(std::floor(p * double(size) - margin));
@@ -366,6 +376,32 @@ bool sampled_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
   sg.lo = r_lo < 1 ? 0u : uint32_t(q_lo) << shift;
   sg.hi = r_hi > size ? kInfKey : uint32_t(q_hi + 1) << shift;
   return true;
+}
+
+// The rank-th smallest (1-indexed) of keys[0, n), which it reorders: passes of up to
+// 11 bits below the highest bit in which the keys differ, each keeping only the
+// keys of the chosen bin (a window's keys share their top bits; this is ~3x faster
+// than nth_element on them).
+uint32_t kth_key(uint32_t* keys, int64_t n, int64_t rank) {
+  int64_t hist[2048];
+  while (n > 64) {
+    uint32_t lo = keys[0], hi = keys[0];
+    for (int64_t i = 1; i < n; ++i) lo = std::min(lo, keys[i]), hi = std::max(hi, keys[i]);
+    if (lo == hi) return lo;
+    const int top = 31 - __builtin_clz(lo ^ hi);
+    const int digit = std::min(top + 1, 11), shift = top + 1 - digit;
+    const uint32_t mask = (1u << digit) - 1;
+    std::fill(hist, hist + (1 << digit), 0);
+    for (int64_t i = 0; i < n; ++i) hist[(keys[i] >> shift) & mask]++;
+    uint32_t b = 0;
+    while (hist[b] < rank) rank -= hist[b++];
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; ++i)
+      if (((keys[i] >> shift) & mask) == b) keys[m++] = keys[i];
+    n = m;
+  }
+  std::nth_element(keys, keys + rank - 1, keys + n);
+  return keys[rank - 1];
 }
 
 // Level one of every segment: big ones one at a time (parallel inside), the others
@@ -428,11 +464,13 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
   // thread's own). Kept only up to kKeepScratch bytes each.
   static thread_local std::vector<TaskOut> pool;
   static thread_local std::vector<uint8_t> saved;
+  static thread_local std::vector<uint32_t> keybuf;
   struct Trim {
     ~Trim() {
       for (auto& o : pool)
         if (o.cands.capacity() * sizeof(Cand) > kKeepScratch) std::vector<Cand>().swap(o.cands);
       if (saved.capacity() > kKeepScratch) std::vector<uint8_t>().swap(saved);
+      if (keybuf.capacity() * 4 > kKeepScratch) std::vector<uint32_t>().swap(keybuf);
     }
   } trim;
 
@@ -527,27 +565,40 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
     int64_t found = 0;
     for (int64_t s = 0; s < S; ++s) found += ncand[s];
     if (found == 0) return true;
-    std::vector<std::vector<uint32_t>> keys(S);
-    for (int64_t s = 0; s < S; ++s) keys[s].reserve(ncand[s]);
-    for (const auto& o : outs)
-      for (const Cand& c : o.cands) keys[c.seg].push_back(c.key);
+    // each segment's keys side by side in one reused buffer (no page faults), in parallel
+    std::vector<int64_t> start(S + 1, 0);
+    for (int64_t s = 0; s < S; ++s) start[s + 1] = start[s] + ncand[s];
+    if (keybuf.size() < size_t(found)) keybuf.resize(found);
+    uint32_t* const keys = keybuf.data();
+    {
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (const auto& o : outs)
+        for (const Cand& c : o.cands) keys[fill[c.seg]++] = c.key;
+    }
     at::parallel_for(0, S, 1, [&](int64_t b, int64_t e) {
       for (int64_t s = b; s < e; ++s) {
         Seg& sg = segs[s];
         if (sg.known) continue;
-        auto& ks = keys[s];
-        std::nth_element(ks.begin(), ks.begin() + (sg.rank - 1), ks.end());
-        sg.thr_key = ks[sg.rank - 1];
+        sg.thr_key = kth_key(keys + start[s], start[s + 1] - start[s], sg.rank);
         sg.known = true;
       }
     });
     if (head) {
-      for (const auto& o : outs)
-        for (const Cand& c : o.cands) {
+      // Tasks own disjoint bytes (units start a tensor's mask or 8 KiB into it), so
+      // each sets its own kept entries; every row's count moves by one per entry.
+      std::vector<int64_t> fix(tasks * (L + 1), 0);
+      run_tasks(tasks, tasks, parallel, [&](int64_t t, int64_t, int64_t) {
+        int64_t kept = 0, ones[64] = {0};
+        for (const Cand& c : outs[t].cands) {
           if (c.key <= segs[c.seg].thr_key) continue;  // pruned, as provisionally written
           head[c.pos >> 3] |= uint8_t(1u << (c.pos & 7));
-          for (int64_t l = 0; l < L; ++l) counts[l] += 1 - 2 * int64_t((c.rows >> l) & 1u);
+          ++kept;
+          for (int64_t l = 0; l < L; ++l) ones[l] += (c.rows >> l) & 1u;
         }
+        for (int64_t l = 0; l < L; ++l) fix[t * (L + 1) + l] = kept - 2 * ones[l];
+      });
+      for (int64_t t = 0; t < tasks; ++t)
+        for (int64_t l = 0; l < L; ++l) counts[l] += fix[t * (L + 1) + l];
     }
     return true;
   }
