@@ -57,7 +57,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max", type=float, default=1e9)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--replot", metavar="JSON", help="redraw the PNG of a recorded run")
     a = ap.parse_args(argv)
+    if a.replot:
+        with open(a.replot) as f:
+            rec = json.load(f)
+        return plot(rec["rows"], rec["meta"]["device"], a.replot[:-len(".json")])
     dev = torch.device(a.device)
     names = [n for n in _backends.available(dev) if n != "reference"]
     if dev.type == "cpu":
@@ -101,6 +106,10 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    plot(rows, name, stem)
+
+
+def plot(rows, name, stem):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -112,7 +121,7 @@ def main(argv=None):
     for b in sorted({r["backend"] for r in rows if "backend" in r}):
         rs = [r for r in rows if r.get("backend") == b]
         ax[0].loglog([r["n"] for r in rs], [r["ms"] for r in rs], "o-", label=b)
-        ax[1].semilogx([r["n"] for r in rs], [r["x_read"] for r in rs], "o-", label=b)
+        ax[1].loglog([r["n"] for r in rs], [r["x_read"] for r in rs], "o-", label=b)
     rd = sorted({(r["n"], r["read_ms"]) for r in rows if "read_ms" in r})
     ax[0].loglog([x for x, _ in rd], [y for _, y in rd], "k--", label="one read")
     ax[0].set(xlabel="entries", ylabel="ms per sampling step", title=f"{name}: sampling step")
