@@ -93,6 +93,15 @@ inline int popcount64(uint64_t x) {  // portable: no popcnt instruction assumed
   return int((x * 0x0101010101010101ull) >> 56);
 }
 
+// An op's tensor list, checked: not empty, on the CPU, dense, contiguous, supported dtypes.
+inline std::vector<at::Tensor> cpu_tensor_list(at::TensorList ts, const char* op) {
+  std::vector<at::Tensor> out(ts.begin(), ts.end());
+  TORCH_CHECK(!out.empty(), "worm: ", op, " got no tensors");
+  TORCH_CHECK(out[0].is_cpu(), "worm: the C++ ", op, " takes CPU tensors");
+  check_list(out, "tensors", out[0].device());
+  return out;
+}
+
 // The key of the k-th smallest entry (1 <= k <= total) of srcs among the keys whose
 // bits above `below` equal `prefix` (below = 31, prefix = 0: all keys); k counts
 // within those. One histogram pass per digit. nonfinite[s] (when given, and only when

@@ -644,10 +644,7 @@ void write_thresholds(const std::vector<Seg>& segs, bool ok, at::Tensor& thr) {
 std::tuple<at::Tensor, at::Tensor> select_thresholds_cpu(at::TensorList tensors_,
                                                          at::IntArrayRef ks,
                                                          c10::string_view scope) {
-  std::vector<at::Tensor> tensors(tensors_.begin(), tensors_.end());
-  TORCH_CHECK(!tensors.empty(), "worm: select_thresholds got no tensors");
-  check_list(tensors, "tensors", tensors[0].device());
-  TORCH_CHECK(tensors[0].is_cpu(), "worm: the C++ select_thresholds takes CPU tensors");
+  const auto tensors = cpu_tensor_list(tensors_, "select_thresholds");
   const bool global = check_ks(tensors, ks, std::string(scope));
   const auto srcs = make_srcs(tensors);
   auto segs = make_segs(srcs, ks, global);
@@ -664,11 +661,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_mask_cpu(at::TensorList te
                                                                c10::string_view scope,
                                                                const at::Tensor& window,
                                                                int64_t head) {
-  std::vector<at::Tensor> tensors(tensors_.begin(), tensors_.end());
-  TORCH_CHECK(!tensors.empty(), "worm: sample_mask_ got no tensors");
+  const auto tensors = cpu_tensor_list(tensors_, "sample_mask_");
   const auto dev = tensors[0].device();
-  TORCH_CHECK(dev.is_cpu(), "worm: the C++ sample_mask_ takes CPU tensors");
-  check_list(tensors, "tensors", dev);
   const bool global = check_ks(tensors, ks, std::string(scope));
   int64_t nbytes = 0;
   for (const auto& t : tensors) nbytes += packed_nbytes(t.numel());

@@ -163,11 +163,8 @@ inline bool keep_one(const void* p, int64_t i, float thr, int32_t cut) {
 
 at::Tensor mask_update_cpu(at::TensorList tensors_, const at::Tensor& thr_, const at::Tensor& window,
                            int64_t head) {
-  std::vector<at::Tensor> tensors(tensors_.begin(), tensors_.end());
-  TORCH_CHECK(!tensors.empty(), "worm: mask_update_ got no tensors");
+  const auto tensors = cpu_tensor_list(tensors_, "mask_update_");
   const auto dev = tensors[0].device();
-  TORCH_CHECK(dev.is_cpu(), "worm: the C++ mask_update_ takes CPU tensors");
-  check_list(tensors, "tensors", dev);
   const int64_t T = tensors.size();
   check_thr(thr_, T, dev);
   std::vector<int64_t> off(T + 1, 0);

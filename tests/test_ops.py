@@ -291,9 +291,13 @@ def _check_mask_update(ts, thr, win, head, what):
     want_win = win.cpu().clone()
     want = R.mask_update_([t.cpu() for t in ts], thr.cpu(), want_win, head)
     got = ops.mask_update_(ts, thr, win, head)
-    assert got.dtype == torch.int64 and got.shape == (win.shape[0],)
+    _assert_window_and_counts(win, want_win, got, want, what)
+
+
+def _assert_window_and_counts(win, want_win, counts, want_counts, what):
+    assert counts.dtype == torch.int64 and counts.shape == (win.shape[0],)
     assert_same(win, want_win, f"{what} window bytes")
-    assert_same(got, want, f"{what} xor counts")
+    assert_same(counts, want_counts, f"{what} xor counts")
 
 
 @pytest.mark.parametrize("impl,kind", impl_kind_params(C.KINDS), indirect=["impl"])
@@ -689,11 +693,9 @@ def _check_sample(ts, ks, scope, win, head, what):
     else:  # NaN/Inf: the window stays as it was
         want_counts = torch.zeros(win.shape[0], dtype=torch.int64)
     thr, nf, counts = ops.sample_mask_(ts, ks, scope, win, head)
-    assert counts.dtype == torch.int64 and counts.shape == (win.shape[0],)
     assert_same(thr, want_thr, f"{what} thresholds")
     assert_same(nf, want_nf, f"{what} nonfinite counts")
-    assert_same(win, want_win, f"{what} window bytes")
-    assert_same(counts, want_counts, f"{what} xor counts")
+    _assert_window_and_counts(win, want_win, counts, want_counts, what)
 
 
 @pytest.mark.parametrize("impl,kind", impl_kind_params(C.KINDS), indirect=["impl"])
