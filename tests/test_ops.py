@@ -62,6 +62,13 @@ def impl_kind_params(kinds):
             for i in IMPLS for k in kinds]
 
 
+def every_kind_scope_dtype(test):
+    """Runs test(impl, kind, dtype, scope) on every implementation, case kind, scope, dtype."""
+    test = pytest.mark.parametrize("dtype", C.DTYPES, ids=str)(test)
+    test = pytest.mark.parametrize("scope", ["global", "layer"])(test)
+    return pytest.mark.parametrize("impl,kind", impl_kind_params(C.KINDS), indirect=["impl"])(test)
+
+
 def test_every_backend_is_known_and_reference_is_there():
     assert "reference" in IMPLS
     info = ops.backend_info(DEV)
@@ -135,9 +142,7 @@ def assert_same(got, want, what):
 
 
 # ------------------------------------------------------------------ thresholds
-@pytest.mark.parametrize("impl,kind", impl_kind_params(C.KINDS), indirect=["impl"])
-@pytest.mark.parametrize("scope", ["global", "layer"])
-@pytest.mark.parametrize("dtype", C.DTYPES, ids=str)
+@every_kind_scope_dtype
 def test_select_thresholds_exact(impl, kind, dtype, scope):
     ts = C.make(kind, dtype, DEV)
     ratios = _ratios(kind, ts)
@@ -300,9 +305,7 @@ def _assert_window_and_counts(win, want_win, counts, want_counts, what):
     assert_same(counts, want_counts, f"{what} xor counts")
 
 
-@pytest.mark.parametrize("impl,kind", impl_kind_params(C.KINDS), indirect=["impl"])
-@pytest.mark.parametrize("scope", ["global", "layer"])
-@pytest.mark.parametrize("dtype", C.DTYPES, ids=str)
+@every_kind_scope_dtype
 def test_mask_update_exact(impl, kind, dtype, scope):
     ts = C.make(kind, dtype, DEV)
     nbytes = R.byte_offsets([t.numel() for t in ts])[-1]
@@ -698,9 +701,7 @@ def _check_sample(ts, ks, scope, win, head, what):
     _assert_window_and_counts(win, want_win, counts, want_counts, what)
 
 
-@pytest.mark.parametrize("impl,kind", impl_kind_params(C.KINDS), indirect=["impl"])
-@pytest.mark.parametrize("scope", ["global", "layer"])
-@pytest.mark.parametrize("dtype", C.DTYPES, ids=str)
+@every_kind_scope_dtype
 def test_sample_mask_is_select_then_mask_update(impl, kind, dtype, scope):
     ts = C.make(kind, dtype, DEV)
     nbytes = R.byte_offsets([t.numel() for t in ts])[-1]
