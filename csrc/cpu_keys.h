@@ -1,6 +1,6 @@
 // CPU kernels' shared pieces: the sort key of an entry, dtype dispatch, bit tricks,
-// static work splitting, and the radix select that small sets (and sets of massive
-// ties) still use. Semantics: docs/ops.md; oracle: python/worm/reference.py.
+// static work splitting, and the radix select that finishes an exact window of
+// massive ties. Semantics: docs/ops.md; oracle: python/worm/reference.py.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -102,11 +102,10 @@ inline std::vector<at::Tensor> cpu_tensor_list(at::TensorList ts, const char* op
   return out;
 }
 
-// The key of the k-th smallest entry (1 <= k <= total) of srcs among the keys whose
-// bits above `below` equal `prefix` (below = 31, prefix = 0: all keys); k counts
-// within those. One histogram pass per digit. nonfinite[s] (when given, and only when
-// the search starts from the top) gets the count of Inf/NaN entries of srcs[s].
-uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel,
-                      int64_t* nonfinite, uint32_t prefix = 0, int below = 31);
+// The key of the k-th smallest entry of srcs among the keys whose bits from `below`
+// up equal `prefix` (below = 31, prefix = 0: all keys); 1 <= k <= their count. One
+// histogram pass per digit of at most 16 bits (11 under 4 Mi entries).
+uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel, uint32_t prefix,
+                      int below);
 
 }  // namespace worm

@@ -18,7 +18,7 @@
 // (ties) or met a NaN/Inf the sample did not see restores the head row and reruns on
 // the exact level one. An exact window of more than max(4096, n/64) entries (massive
 // ties, e.g. most weights exactly zero) is finished by the radix select over its bits
-// (one more read). Masks, thresholds, ties and the NaN/Inf rule are the reference's
+// (one or two more reads). Masks, thresholds, ties and the NaN/Inf rule are the reference's
 // (python/worm/reference.py) exactly; tests/test_sample_plan.py drives every path.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 #include "cpu_keys.h"
@@ -39,7 +40,9 @@ namespace {
 
 // How often each path of the plan ran in this process (tests assert that the inputs
 // built to drive a path did; read through torch.ops.worm_native.plan_counters).
-enum PlanCounter { kSampledHit, kSampledMiss, kOverflow, kUnreadNonfinite, kRadixFinish, kNumCounters };
+enum PlanCounter {
+  kSampledHit, kSampledMiss, kOverflow, kUnreadNonfinite, kRadixFinish, kOneKeyBin, kNumCounters
+};
 std::atomic<int64_t> plan_counters[kNumCounters];
 inline void count(PlanCounter c) { plan_counters[c].fetch_add(1, std::memory_order_relaxed); }
 
@@ -125,7 +128,8 @@ struct TaskOut {
   std::vector<int64_t> counts;  // [L] provisional XOR counts
   std::vector<int64_t> below;   // [segments] entries below the window
   std::vector<Cand> cands;
-  int64_t limit = 0;            // most window entries it may collect
+  int64_t limit = 0;            // most window entries all tasks together may collect
+  std::atomic<int64_t>* collected = nullptr;  // how many they hold (shared)
   bool overflow = false, bad = false;
 };
 
@@ -155,11 +159,13 @@ namespace avx2 {
 #endif
 #endif
 
-// AVX2 + POPCNT where the CPU has them (every x86-64 CPU since 2013): level two is
+// AVX2 + POPCNT where the CPU has them (x86-64 CPUs since about 2013): level two is
 // 15-25% faster with 8-lane compares and one-instruction popcounts.
 bool use_avx2() {
 #if defined(WORM_HAVE_AVX2_PATH)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+  // WORM_CPU_BASELINE=1 forces the baseline path (tests run both on AVX2 machines)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt") &&
+                         !(std::getenv("WORM_CPU_BASELINE") && std::getenv("WORM_CPU_BASELINE")[0] == '1');
   return ok;
 #else
   return false;
@@ -183,7 +189,8 @@ template <class F>
 std::vector<int64_t> histogram(const std::vector<Chunk>& chunks, int bits, bool parallel, F&& fn) {
   const int64_t nb = int64_t(1) << bits, nchunks = chunks.size();
   const int64_t tasks = parallel ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks)) : 1;
-  static thread_local std::vector<uint32_t> scratch;  // reused: fresh pages fault
+  // reused (fresh pages fault); 2 x 64 Ki counters per task, grown only with the threads
+  static thread_local std::vector<uint32_t> scratch;
   if (scratch.size() < size_t(tasks) * 2 * nb) scratch.resize(size_t(tasks) * 2 * nb);
   uint32_t* const hp = scratch.data();  // not `scratch` in the tasks: another thread's
   std::fill(hp, hp + size_t(tasks) * 2 * nb, 0u);
@@ -265,9 +272,10 @@ int64_t exact_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
   if (all_bf16 && shift <= 16) {  // bf16 keys have 16 zero low bits: the bin is one key
     sg.known = true;
     sg.thr_key = sg.lo;
+    count(kOneKeyBin);
   } else if (hist[q] > bucket_cap(sg.n)) {
     sg.known = true;
-    sg.thr_key = radix_select(mine, k, parallel, nullptr, uint32_t(q), shift);
+    sg.thr_key = radix_select(mine, k, parallel, uint32_t(q), shift);
     count(kRadixFinish);
   }
   return 0;
@@ -467,8 +475,10 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
   static thread_local std::vector<uint32_t> keybuf;
   struct Trim {
     ~Trim() {
-      for (auto& o : pool)
-        if (o.cands.capacity() * sizeof(Cand) > kKeepScratch) std::vector<Cand>().swap(o.cands);
+      size_t held = 0;
+      for (auto& o : pool) held += o.cands.capacity() * sizeof(Cand);
+      if (held > kKeepScratch)
+        for (auto& o : pool) std::vector<Cand>().swap(o.cands);
       if (saved.capacity() > kKeepScratch) std::vector<uint8_t>().swap(saved);
       if (keybuf.capacity() * 4 > kKeepScratch) std::vector<uint32_t>().swap(keybuf);
     }
@@ -479,16 +489,22 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
       count_nonfinite(srcs, nonfinite);
       return false;
     }
-    bool any_unread = false;
     int64_t limit = 0;   // window entries level two may collect, over all segments
     int64_t expect = 0;  // and how many it will find (reserved up front: no regrowth)
     for (const Seg& sg : segs) {
-      any_unread |= sg.unread;
       if (!sg.known) limit += sg.sampled ? sampled_cap(sg.n) : bucket_cap(sg.n);
       if (!sg.known) expect += sg.expect;
     }
-    // A sampled window can miss, and an unread entry can be NaN: keep the head row to undo.
-    if (head && any_unread) saved.assign(head, head + win.B);
+    // The head row as it was: a sampled window can miss, an unread entry can be NaN, an
+    // allocation can fail; each puts it back (~1/32 of a read of fp32 scores).
+    if (head) saved.assign(head, head + win.B);
+    struct Restore {
+      uint8_t* head;
+      bool armed = true;
+      ~Restore() {
+        if (armed && head) std::copy(saved.begin(), saved.end(), head);
+      }
+    } restore{head};
 
     // ---- level two over every tensor with bits to write or window entries to find
     std::vector<Cut> cuts(T);
@@ -508,6 +524,7 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
     if (pool.size() < size_t(tasks)) pool.resize(tasks);
     TaskOut* const outs_p = pool.data();
     const c10::ArrayRef<TaskOut> outs(outs_p, tasks);
+    std::atomic<int64_t> collected{0};
     for (int64_t t = 0; t < tasks; ++t) {
       TaskOut& o = outs_p[t];
       o.cands.clear();
@@ -515,6 +532,7 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
       o.counts.assign(L, 0);
       o.below.assign(S, 0);
       o.limit = limit;
+      o.collected = &collected;
       o.cands.reserve(std::min(limit, expect / tasks + expect / (4 * tasks) + 1024));
     }
     run_tasks(nunits, tasks, parallel, [&](int64_t t, int64_t ub, int64_t ue) {
@@ -536,9 +554,8 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
     }
     if (bad) {  // only an unread segment can get here
       count(kUnreadNonfinite);
-      if (head) std::copy(saved.begin(), saved.end(), head);
       count_nonfinite(srcs, nonfinite);
-      return false;
+      return false;  // restore puts the head row back
     }
     bool miss = overflow;
     if (overflow) count(kOverflow);
@@ -552,8 +569,7 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
     }
     if (miss) {
       TORCH_CHECK(attempt == 0, "worm: internal error: the exact plan missed its window");
-      if (head) std::copy(saved.begin(), saved.end(), head);
-      continue;
+      continue;  // restore puts the head row back
     }
     for (int64_t l = 0; l < L; ++l) {
       int64_t c = 0;
@@ -564,7 +580,10 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
     // ---- finish: the exact rank among each window's entries, then the corrections
     int64_t found = 0;
     for (int64_t s = 0; s < S; ++s) found += ncand[s];
-    if (found == 0) return true;
+    if (found == 0) {
+      restore.armed = false;
+      return true;
+    }
     // each segment's keys side by side in one reused buffer (no page faults), in parallel
     std::vector<int64_t> start(S + 1, 0);
     for (int64_t s = 0; s < S; ++s) start[s + 1] = start[s] + ncand[s];
@@ -600,6 +619,7 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
       for (int64_t t = 0; t < tasks; ++t)
         for (int64_t l = 0; l < L; ++l) counts[l] += fix[t * (L + 1) + l];
     }
+    restore.armed = false;
     return true;
   }
 }
@@ -684,6 +704,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_mask_cpu(at::TensorList te
 std::vector<int64_t> read_plan_counters() {
   std::vector<int64_t> out;
   for (auto& c : plan_counters) out.push_back(c.load(std::memory_order_relaxed));
+  out.push_back(use_avx2() ? 1 : 0);
   return out;
 }
 
@@ -691,7 +712,8 @@ std::vector<int64_t> read_plan_counters() {
 
 TORCH_LIBRARY_FRAGMENT(worm_native, m) {
   // [sampled windows that held the k-th key, that missed it, level-two overflows,
-  //  NaN/Inf found outside a sample, exact windows finished by the radix select]
+  //  NaN/Inf found outside a sample, exact windows finished by the radix select,
+  //  exact bf16 windows of a single key, and 1 if level two runs its AVX2 path]
   m.def("plan_counters() -> int[]", &read_plan_counters);
 }
 

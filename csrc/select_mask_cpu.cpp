@@ -1,5 +1,5 @@
-// CPU: the radix select (small sets, and the exact finish of sets of massive ties;
-// large sets take the two-level plan of sample_cpu.cpp) and the fused mask update
+// CPU: the radix select that finishes an exact window too large to collect (massive
+// ties; every select runs the plan of sample_cpu.cpp) and the fused mask update
 // (compare, pack, write window[head], XOR-popcount every row), one pass.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,10 +17,9 @@
 
 namespace worm {
 // Declared in cpu_keys.h. Each pass takes one digit of the bits below the resolved
-// prefix and counts only keys that share the prefix; the first pass from the top
-// (below == 31) counts every key and, by the way, the non-finite ones.
+// prefix and counts only keys that share the prefix.
 uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel,
-                      int64_t* nonfinite, uint32_t start_prefix, int below) {
+                      uint32_t start_prefix, int below) {
   int64_t total = 0;
   bool all_bf16 = true, all_f16 = true;
   for (const auto& s : srcs) {
@@ -50,9 +49,7 @@ uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel,
     const int shift = hi - digit;
     const int64_t nbins = int64_t(1) << digit;
     const uint32_t mask = uint32_t(nbins - 1);
-    const bool first = pass == 0 && below == 31;
     std::vector<int64_t> hist(tasks * nbins, 0);
-    std::vector<int64_t> nf(first && nonfinite ? tasks * srcs.size() : 0, 0);
     run_tasks(nchunks, tasks, parallel, [&](int64_t t, int64_t cb, int64_t ce) {
       int64_t* h = hist.data() + t * nbins;
       for (int64_t c = cb; c < ce; ++c) {
@@ -60,31 +57,15 @@ uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel,
         const Src& s = srcs[ch.src];
         dispatch_dt(s.dt, [&](auto dtc) {
           constexpr int DT = decltype(dtc)::value;
-          if (first) {
-            int64_t bad = 0;
-            for (int64_t i = ch.begin; i < ch.end; ++i) {
-              uint32_t key = key_at<DT>(s.p, i);
-              bad += key >= kInfKey;
-              h[(key >> shift) & mask]++;
-            }
-            if (!nf.empty()) nf[t * srcs.size() + ch.src] += bad;
-          } else {
-            for (int64_t i = ch.begin; i < ch.end; ++i) {
-              uint32_t key = key_at<DT>(s.p, i);
-              if ((key >> pshift) == prefix) h[(key >> shift) & mask]++;
-            }
+          for (int64_t i = ch.begin; i < ch.end; ++i) {
+            uint32_t key = key_at<DT>(s.p, i);
+            if ((key >> pshift) == prefix) h[(key >> shift) & mask]++;
           }
         });
       }
     });
     for (int64_t t = 1; t < tasks; ++t)
       for (int64_t b = 0; b < nbins; ++b) hist[b] += hist[t * nbins + b];
-    if (!nf.empty())
-      for (size_t s = 0; s < srcs.size(); ++s) {
-        int64_t c = 0;
-        for (int64_t t = 0; t < tasks; ++t) c += nf[t * srcs.size() + s];
-        nonfinite[s] += c;
-      }
     int64_t b = 0;
     while (b < nbins - 1 && hist[b] < k) k -= hist[b++];
     prefix = (prefix << digit) | uint32_t(b);

@@ -8,6 +8,9 @@ window must be restored), and the exact plan's own fallbacks (a bucket too large
 collect, bf16 buckets of one key). Everything must equal select + mask update of
 the reference, bit for bit.
 """
+import os
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -29,7 +32,7 @@ def cpp(monkeypatch):
 
 
 PATHS = ("sampled hit", "sampled miss", "overflow", "NaN/Inf outside the sample",
-         "radix finish")  # torch.ops.worm_native.plan_counters(), in this order
+         "radix finish", "bf16 one-key bin")  # torch.ops.worm_native.plan_counters(), in order
 
 
 @contextmanager
@@ -122,7 +125,8 @@ def test_rows_of_different_scale_widen_the_window():
     check([t.sort().values], [R.num_pruned(t.numel(), 0.5)], "global", head=0)
 
 
-@pytest.mark.parametrize("esz,dtype", [(4, torch.float32), (2, torch.float16)])
+@pytest.mark.parametrize("esz,dtype", [(4, torch.float32), (2, torch.float16),
+                                       (2, torch.bfloat16)])
 def test_a_lying_sample_reruns_the_exact_plan(esz, dtype):
     """The sampled runs hold small values, the rest large: the window misses."""
     n = SAMPLE_MIN * 3
@@ -185,6 +189,36 @@ def test_exact_plan_bf16_buckets_and_subnormals():
           (torch.randn(200_000, generator=g) * 1e-39).bfloat16()]  # subnormal keys
     for scope in ("global", "layer"):
         check(ts, ks_for(ts, 0.5, scope), scope)
+
+
+def test_bf16_exact_bins_hold_one_key():
+    """A lying bf16 sample of 2^20+ entries reruns on the exact level one, whose bins
+    of 16 bits hold a single bf16 key: the threshold without any collection."""
+    n = 1 << 21
+    seen = in_sample(n, 2)
+    g = torch.Generator().manual_seed(10)
+    t = torch.where(seen, torch.rand(n, generator=g), 10 + torch.rand(n, generator=g)).bfloat16()
+    with drives("sampled miss", "bf16 one-key bin"):
+        check([t], [R.num_pruned(n, 0.5)], "global")
+
+
+def test_the_baseline_path_without_avx2():
+    """WORM_CPU_BASELINE=1: level two without AVX2/POPCNT (SSE2 or scalar), same results."""
+    code = (
+        "import sys, torch; sys.path.insert(0, 'tests')\n"
+        "import test_sample_plan as T\n"
+        "assert torch.ops.worm_native.plan_counters()[-1] == 0, 'the AVX2 path is on'\n"
+        "g = torch.Generator().manual_seed(11)\n"
+        "for dt in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "    ts = [torch.randn(T.SAMPLE_MIN + 100, generator=g).to(dt), torch.randn(77, generator=g)]\n"
+        "    for scope in ('global', 'layer'):\n"
+        "        T.check(ts, T.ks_for(ts, 0.4, scope), scope, length=4, head=3)\n"
+        "print('ok')\n")
+    env = dict(os.environ, WORM_CPU_BASELINE="1", WORM_BACKEND="cpp")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
 def test_64_window_rows():

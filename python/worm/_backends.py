@@ -129,7 +129,8 @@ def _native(name):
                            "WORM_NO_CUDA=1); rebuild with WORM_FORCE_CUDA=1 for the CUDA ops")
     ops = torch.ops.worm_native
     # the fused sampling step is CPU-only (csrc/sample_cpu.cpp); CUDA runs the two ops
-    fused = ops.sample_mask_ if name == "cpp" else None
+    # (a build from before the op existed lacks it: then the two ops run)
+    fused = getattr(ops, "sample_mask_", None) if name == "cpp" else None
     return Impl(name, ops.select_thresholds, ops.mask_update_, ops.truncate_, ops.sgd_step_,
                 fused)
 
