@@ -2,7 +2,7 @@
 // plan of docs/ops.md ("Sampling in one pass"), about 1.2 reads of the scores:
 //
 //   level one  a window of keys [lo, hi) that holds the k-th key: from a sample of
-//              4 KiB runs (1/8 or 1/4 of the pages) for sets of 2^19+ entries, else
+//              16 KiB runs (1/16 to 1/4 of the data) for sets of 2^19+ entries, else
 //              from a histogram of every key's top 10-16 bits (u32 counters, two
 //              interleaved copies so runs of one bin do not stall on store-to-load
 //              forwarding);
@@ -109,11 +109,11 @@ inline int32_t domain_at(const void* p, int64_t i) {
   return int32_t(static_cast<const uint16_t*>(p)[i] & 0x7fffu);
 }
 
-// A window entry: its bit in a window row, its key, and its bit in every row as the
-// row was before this step (bit l = row l), to correct the counts when it is kept.
+// A window entry: its bit in a window row and its key. (Its bits in the older rows
+// are read back at the fix-up: level two leaves those rows as they were, and the head
+// row's old content is kept.)
 struct Cand {
   int64_t pos;
-  uint64_t rows;
   uint32_t key;
   int32_t seg;
 };
@@ -128,9 +128,24 @@ struct TaskOut {
   std::vector<int64_t> counts;  // [L] provisional XOR counts
   std::vector<int64_t> below;   // [segments] entries below the window
   std::vector<Cand> cands;
-  int64_t limit = 0;            // most window entries all tasks together may collect
-  std::atomic<int64_t>* collected = nullptr;  // how many they hold (shared)
+  // All tasks together collect at most `limit` entries: each claims room from one
+  // shared count in blocks (a contended atomic per entry would cost more than the
+  // entry), so the total may pass it by less than a block per task.
+  int64_t limit = 0, allowance = 0;
+  std::atomic<int64_t>* claimed = nullptr;
   bool overflow = false, bad = false;
+
+  bool claim(int64_t need) {
+    if (overflow) return false;
+    const int64_t block = std::max<int64_t>(need, 4096);
+    if (claimed->fetch_add(block, std::memory_order_relaxed) + block > limit + block) {
+      overflow = true;  // the caller falls back to the exact plan
+      return false;
+    }
+    allowance += block;
+    cands.reserve(cands.size() + allowance);
+    return true;
+  }
 };
 
 namespace base {
@@ -183,10 +198,12 @@ void level_two(const void* p, int64_t b, int64_t e, Cut c, int32_t seg, int64_t 
 
 // u32 histogram of `bits` bits over the keys fn visits, two interleaved copies per
 // task (runs of one bin do not stall on store-to-load forwarding), merged to int64.
-// fn(chunk, h0, h1) adds a chunk's keys; chunks of at most kUnit entries, so a
-// counter is flushed to int64 before it could wrap.
+// fn(chunk, h0, h1) adds a chunk's keys; a counter is flushed to int64 before it
+// could wrap.
+// Returns this thread's reused buffer: valid until its next call.
 template <class F>
-std::vector<int64_t> histogram(const std::vector<Chunk>& chunks, int bits, bool parallel, F&& fn) {
+const std::vector<int64_t>& histogram(const std::vector<Chunk>& chunks, int bits, bool parallel,
+                                      F&& fn) {
   const int64_t nb = int64_t(1) << bits, nchunks = chunks.size();
   const int64_t tasks = parallel ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks)) : 1;
   // reused (fresh pages fault); 2 x 64 Ki counters per task, grown only with the threads
@@ -200,7 +217,7 @@ std::vector<int64_t> histogram(const std::vector<Chunk>& chunks, int bits, bool 
     uint32_t* h1 = h0 + nb;
     int64_t since = 0;
     for (int64_t c = cb; c < ce; ++c) {
-      if (since + kUnit >= (int64_t(1) << 31)) {
+      if (since + (chunks[c].end - chunks[c].begin) >= (int64_t(1) << 31)) {
         auto& s = spill[t];
         if (s.empty()) s.assign(nb, 0);
         for (int64_t q = 0; q < nb; ++q) s[q] += int64_t(h0[q]) + h1[q], h0[q] = h1[q] = 0;
@@ -210,16 +227,18 @@ std::vector<int64_t> histogram(const std::vector<Chunk>& chunks, int bits, bool 
       fn(chunks[c], h0, h1);
     }
   });
-  std::vector<int64_t> hist(nb, 0);
+  static thread_local std::vector<int64_t> merged;  // reused, like the counters
+  merged.assign(nb, 0);
+  int64_t* const hist_p = merged.data();
   auto merge = [&](int64_t qb, int64_t qe) {
     for (int64_t t = 0; t < tasks; ++t) {
       const uint32_t* h0 = hp + t * 2 * nb;
       const int64_t* s = spill[t].empty() ? nullptr : spill[t].data();
-      for (int64_t q = qb; q < qe; ++q) hist[q] += int64_t(h0[q]) + h0[nb + q] + (s ? s[q] : 0);
+      for (int64_t q = qb; q < qe; ++q) hist_p[q] += int64_t(h0[q]) + h0[nb + q] + (s ? s[q] : 0);
     }
   };
   if (parallel && tasks > 1) at::parallel_for(0, nb, 4096, merge); else merge(0, nb);
-  return hist;
+  return merged;
 }
 
 std::vector<Src> members_of(const Seg& sg, const std::vector<Src>& srcs, bool* all_bf16) {
@@ -243,7 +262,7 @@ int64_t exact_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
   const auto mine = members_of(sg, srcs, &all_bf16);
   const auto chunks = make_chunks(mine, kUnit);
   parallel = parallel && sg.n >= kMinParallelEntries;
-  const auto hist = histogram(chunks, D, parallel, [&](const Chunk& ch, uint32_t* h0, uint32_t* h1) {
+  const auto& hist = histogram(chunks, D, parallel, [&](const Chunk& ch, uint32_t* h0, uint32_t* h1) {
     const Src& s = mine[ch.src];
     dispatch_dt(s.dt, [&](auto dtc) {
       constexpr int DT = decltype(dtc)::value;
@@ -282,14 +301,15 @@ int64_t exact_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
 }
 
 constexpr int64_t kSampleMin = int64_t(1) << 19;  // smaller segments: exact level one
-constexpr int64_t kSampleBytes = 4096;            // sampled entries lie in whole 4 KiB runs
+constexpr int64_t kSampleBytes = 16384;           // sampled entries lie in whole 16 KiB runs
+constexpr int64_t kSampleChunk = int64_t(1) << 18;  // a multiple of every run's stratum
 
 int64_t sampled_cap(int64_t n) { return std::max<int64_t>(4096, n / 32); }
 
-// Sampled level one: a histogram of one 4 KiB run (a page: hardware prefetchers stop
-// at its end, so the rest is not read) out of every 8 (4 for segments under 4 Mi
-// entries), at a hashed position within its stratum so no period of a tensor aliases
-// with it. The window [lo, hi) is the sample's ranks k/n * s +- 5 standard errors
+// Sampled level one: a histogram of one 16 KiB run (four pages: long enough for the
+// hardware prefetchers to stream it, while the pages between runs are not read) out
+// of every 16 (8 under 8 Mi entries, 4 under 4 Mi), at a hashed position within its
+// stratum so no period of a tensor aliases with it. The window [lo, hi) is the sample's ranks k/n * s +- 5 standard errors
 // (+ 16), widened to whole bins; the standard error is the larger of the i.i.d. one
 // and the one measured across the sampled runs (weights correlate within a row), so
 // structured tensors get wider windows instead of misses. Level two counts the
@@ -299,7 +319,7 @@ int64_t sampled_cap(int64_t n) { return std::max<int64_t>(4096, n / 32); }
 // entries than level two may collect (massive ties).
 bool sampled_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
   if (sg.n < kSampleMin || sg.k == 0) return false;
-  const int log_stride = sg.n >= (int64_t(1) << 22) ? 3 : 2;
+  const int log_stride = sg.n >= (int64_t(1) << 23) ? 4 : (sg.n >= (int64_t(1) << 22) ? 3 : 2);
   const int D = std::clamp(64 - __builtin_clzll(uint64_t(sg.n >> log_stride)) - 4, 10, 16);
   const int shift = 31 - D;
   bool all_bf16;
@@ -309,14 +329,18 @@ bool sampled_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
   // fn(first, last, stratum) over the sampled run of every stratum of a chunk
   auto runs = [&](const Chunk& ch, auto&& fn) {
     const Src& s = mine[ch.src];
-    const int64_t run = kSampleBytes / (s.dt == kF32 ? 4 : 2), span = run << log_stride;
-    for (int64_t base = ch.begin; base < ch.end; base += span) {  // span divides kUnit
+    const int esz = s.dt == kF32 ? 4 : 2;
+    const int64_t run = kSampleBytes / esz, span = run << log_stride;
+    auto start = [&](int64_t base) {
       const uint32_t stratum = uint32_t(base / span);
-      const int64_t i0 = base + run * ((stratum * 0x9E3779B1u) >> (32 - log_stride));
-      if (i0 < ch.end) fn(s, i0, std::min(i0 + run, ch.end), stratum);
+      return base + run * ((stratum * 0x9E3779B1u) >> (32 - log_stride));
+    };
+    for (int64_t base = ch.begin; base < ch.end; base += span) {  // span divides the chunk
+      const int64_t i0 = start(base);
+      if (i0 < ch.end) fn(s, i0, std::min(i0 + run, ch.end), uint32_t(base / span));
     }
   };
-  const auto hist = histogram(chunks, D, parallel, [&](const Chunk& ch, uint32_t* h0, uint32_t* h1) {
+  const auto& hist = histogram(chunks, D, parallel, [&](const Chunk& ch, uint32_t* h0, uint32_t* h1) {
     runs(ch, [&](const Src& s, int64_t i0, int64_t i1, uint32_t) {
       dispatch_dt(s.dt, [&](auto dtc) {
         constexpr int DT = decltype(dtc)::value;
@@ -342,11 +366,11 @@ bool sampled_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
     return q;
   };
   // Standard error of the fraction below the estimate, from the spread of that
-  // fraction across the sampled runs (every m-th run: ~512 of them estimate it well).
+  // fraction across the sampled runs (every m-th run: ~256 of them estimate it well).
   const uint32_t center = uint32_t(bin_of(std::max<int64_t>(1, int64_t(p * double(size))))) << shift;
   const int64_t tasks = parallel ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(chunks.size()))) : 1;
-  const int64_t all_runs = std::max<int64_t>(1, size * 2 / kSampleBytes);  // >= the fp32 count
-  const uint32_t every = uint32_t(std::max<int64_t>(1, all_runs / 512));
+  const int64_t all_runs = std::max<int64_t>(1, size * 4 / kSampleBytes);  // fp32 runs; fewer if 16-bit
+  const uint32_t every = uint32_t(std::max<int64_t>(1, all_runs / 256));
   std::vector<double> sums(3 * tasks, 0.0);  // runs, sum f, sum f^2
   run_tasks(chunks.size(), tasks, parallel, [&](int64_t t, int64_t cb, int64_t ce) {
     double nr = 0, sf = 0, sf2 = 0;
@@ -524,7 +548,7 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
     if (pool.size() < size_t(tasks)) pool.resize(tasks);
     TaskOut* const outs_p = pool.data();
     const c10::ArrayRef<TaskOut> outs(outs_p, tasks);
-    std::atomic<int64_t> collected{0};
+    std::atomic<int64_t> claimed{0};
     for (int64_t t = 0; t < tasks; ++t) {
       TaskOut& o = outs_p[t];
       o.cands.clear();
@@ -532,7 +556,8 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
       o.counts.assign(L, 0);
       o.below.assign(S, 0);
       o.limit = limit;
-      o.collected = &collected;
+      o.allowance = 0;
+      o.claimed = &claimed;
       o.cands.reserve(std::min(limit, expect / tasks + expect / (4 * tasks) + 1024));
     }
     run_tasks(nunits, tasks, parallel, [&](int64_t t, int64_t ub, int64_t ue) {
@@ -606,13 +631,17 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
       // Tasks own disjoint bytes (units start a tensor's mask or 8 KiB into it), so
       // each sets its own kept entries; every row's count moves by one per entry.
       std::vector<int64_t> fix(tasks * (L + 1), 0);
+      const uint8_t* const old_head = saved.data();  // not `saved` in the tasks
       run_tasks(tasks, tasks, parallel, [&](int64_t t, int64_t, int64_t) {
         int64_t kept = 0, ones[64] = {0};
         for (const Cand& c : outs[t].cands) {
           if (c.key <= segs[c.seg].thr_key) continue;  // pruned, as provisionally written
-          head[c.pos >> 3] |= uint8_t(1u << (c.pos & 7));
+          const int64_t byte = c.pos >> 3;
+          const int bit = int(c.pos & 7);
+          for (int64_t l = 0; l < L; ++l)  // the entry's bit in each row before this step
+            ones[l] += ((l == win.head ? old_head[byte] : win.p[l * win.B + byte]) >> bit) & 1;
+          head[byte] |= uint8_t(1u << bit);
           ++kept;
-          for (int64_t l = 0; l < L; ++l) ones[l] += (c.rows >> l) & 1u;
         }
         for (int64_t l = 0; l < L; ++l) fix[t * (L + 1) + l] = kept - 2 * ones[l];
       });

@@ -22,7 +22,7 @@ from worm import reference as R
 pytestmark = pytest.mark.skipif(_backends.unusable("cpp", torch.device("cpu")) is not None,
                                 reason="worm._C is not built (test_ops checks that it is)")
 
-RUN_BYTES = 4096      # the sampled runs: one 4 KiB run per stratum (sample_cpu.cpp)
+RUN_BYTES = 16384     # the sampled runs: one 16 KiB run per stratum (sample_cpu.cpp)
 SAMPLE_MIN = 1 << 19  # smaller segments take the exact level one
 
 
@@ -49,7 +49,7 @@ def drives(*paths):
 
 def sampled_runs(n, esz):
     """[(first, last)] of the entries the sampled level one reads in a tensor of n."""
-    log_stride = 3 if n >= 1 << 22 else 2
+    log_stride = 4 if n >= 1 << 23 else (3 if n >= 1 << 22 else 2)
     run = RUN_BYTES // esz
     span = run << log_stride
     out = []
@@ -125,11 +125,12 @@ def test_rows_of_different_scale_widen_the_window():
     check([t.sort().values], [R.num_pruned(t.numel(), 0.5)], "global", head=0)
 
 
-@pytest.mark.parametrize("esz,dtype", [(4, torch.float32), (2, torch.float16),
-                                       (2, torch.bfloat16)])
-def test_a_lying_sample_reruns_the_exact_plan(esz, dtype):
+@pytest.mark.parametrize("esz,dtype,n", [(4, torch.float32, SAMPLE_MIN * 3),
+                                         (2, torch.float16, SAMPLE_MIN * 3),
+                                         (2, torch.bfloat16, SAMPLE_MIN * 3),
+                                         (2, torch.float16, (1 << 23) + 5)])  # 1 run in 16
+def test_a_lying_sample_reruns_the_exact_plan(esz, dtype, n):
     """The sampled runs hold small values, the rest large: the window misses."""
-    n = SAMPLE_MIN * 3
     seen = in_sample(n, esz)
     g = torch.Generator().manual_seed(4)
     t = torch.where(seen, torch.rand(n, generator=g), 10 + torch.rand(n, generator=g)).to(dtype)
