@@ -324,7 +324,7 @@ bool sampled_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
   const int shift = 31 - D;
   bool all_bf16;
   const auto mine = members_of(sg, srcs, &all_bf16);
-  const auto chunks = make_chunks(mine, kUnit);
+  const auto chunks = make_chunks(mine, kSampleChunk);
   parallel = parallel && sg.n >= kMinParallelEntries;
   // fn(first, last, stratum) over the sampled run of every stratum of a chunk
   auto runs = [&](const Chunk& ch, auto&& fn) {
