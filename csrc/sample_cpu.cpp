@@ -65,10 +65,13 @@ struct Seg {
   bool known = false;      // thr_key is exact (or k == 0: nothing pruned)
   uint32_t thr_key = 0;
   bool sampled = false;    // [lo, hi) came from a sample; its rank is known after level two
-  bool unread = false;     // level one did not see every entry (NaN/Inf found in level two)
   uint32_t lo = 0, hi = 0; // !known: the k-th key lies in [lo, hi) (sampled: very likely)
   int64_t rank = 0;        // !known: k among the keys in [lo, hi)
   int64_t expect = 0;      // !known: entries expected in [lo, hi) (exact unless sampled)
+
+  // Level one did not see every entry (a sample, or k == 0: nothing to select), so a
+  // NaN/Inf can only show up in level two.
+  bool unread() const { return sampled || k == 0; }
 };
 
 // A tensor's cut in its own comparison domain (fp32: the 31-bit key; fp16/bf16:
@@ -138,7 +141,7 @@ struct TaskOut {
   bool claim(int64_t need) {
     if (overflow) return false;
     const int64_t block = std::max<int64_t>(need, 4096);
-    if (claimed->fetch_add(block, std::memory_order_relaxed) + block > limit + block) {
+    if (claimed->fetch_add(block, std::memory_order_relaxed) > limit) {
       overflow = true;  // the caller falls back to the exact plan
       return false;
     }
@@ -194,6 +197,16 @@ void level_two(const void* p, int64_t b, int64_t e, Cut c, int32_t seg, int64_t 
   if (use_avx2()) return avx2::level_two<DT>(p, b, e, c, seg, bit0, w, out);
 #endif
   base::level_two<DT>(p, b, e, c, seg, bit0, w, out);
+}
+
+// Adds the keys of entries [i, e) to two interleaved histograms of key >> shift.
+template <int DT>
+inline void add_keys(const void* p, int64_t i, int64_t e, int shift, uint32_t* h0, uint32_t* h1) {
+  for (; i + 2 <= e; i += 2) {
+    h0[key_at<DT>(p, i) >> shift]++;
+    h1[key_at<DT>(p, i + 1) >> shift]++;
+  }
+  if (i < e) h0[key_at<DT>(p, i) >> shift]++;
 }
 
 // u32 histogram of `bits` bits over the keys fn visits, two interleaved copies per
@@ -254,9 +267,9 @@ std::vector<Src> members_of(const Seg& sg, const std::vector<Src>& srcs, bool* a
 // Exact level one: a histogram of every key; the window is the bin holding the k-th
 // key (or the threshold is exact: a bf16 bin holds one key; a bin too large to
 // collect is finished by the radix select). Returns the segment's NaN/Inf count
-// (the segment is left undecided when it is not 0).
+// (the segment is left undecided when it is not 0). Needs k > 0.
 int64_t exact_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
-  sg.known = sg.sampled = sg.unread = false;
+  sg.known = sg.sampled = false;
   const int D = level_bits(sg.n), shift = 31 - D;
   bool all_bf16;
   const auto mine = members_of(sg, srcs, &all_bf16);
@@ -265,23 +278,13 @@ int64_t exact_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
   const auto& hist = histogram(chunks, D, parallel, [&](const Chunk& ch, uint32_t* h0, uint32_t* h1) {
     const Src& s = mine[ch.src];
     dispatch_dt(s.dt, [&](auto dtc) {
-      constexpr int DT = decltype(dtc)::value;
-      int64_t i = ch.begin;
-      for (; i + 2 <= ch.end; i += 2) {
-        h0[key_at<DT>(s.p, i) >> shift]++;
-        h1[key_at<DT>(s.p, i + 1) >> shift]++;
-      }
-      if (i < ch.end) h0[key_at<DT>(s.p, i) >> shift]++;
+      add_keys<decltype(dtc)::value>(s.p, ch.begin, ch.end, shift, h0, h1);
     });
   });
   const int64_t nb = hist.size();
   int64_t bad = 0;
   for (int64_t q = int64_t(kInfKey >> shift); q < nb; ++q) bad += hist[q];
   if (bad) return bad;
-  if (sg.k == 0) {
-    sg.known = true;
-    return 0;
-  }
   int64_t q = 0, k = sg.k;
   while (hist[q] < k) k -= hist[q++];
   sg.lo = uint32_t(q) << shift;
@@ -309,16 +312,17 @@ int64_t sampled_cap(int64_t n) { return std::max<int64_t>(4096, n / 32); }
 // Sampled level one: a histogram of one 16 KiB run (four pages: long enough for the
 // hardware prefetchers to stream it, while the pages between runs are not read) out
 // of every 16 (8 under 8 Mi entries, 4 under 4 Mi), at a hashed position within its
-// stratum so no period of a tensor aliases with it. The window [lo, hi) is the sample's ranks k/n * s +- 5 standard errors
-// (+ 16), widened to whole bins; the standard error is the larger of the i.i.d. one
-// and the one measured across the sampled runs (weights correlate within a row), so
-// structured tensors get wider windows instead of misses. Level two counts the
+// stratum so no period of a tensor aliases with it. The window [lo, hi) is the
+// sample's ranks k/n * s +- 5 standard errors (+ 16), widened to whole bins; the
+// standard error is the larger of the i.i.d. one and the one measured across the
+// sampled runs (weights correlate within a row), so structured tensors get wider
+// windows instead of misses. Level two counts the
 // entries below the window exactly, so the result stays exact; a window that misses
 // the k-th key costs a rerun with the exact plan. Returns false (segment untouched)
 // where a sample cannot help: NaN/Inf in it, or a window expected to hold more
-// entries than level two may collect (massive ties).
+// entries than level two may collect (massive ties). Needs k > 0.
 bool sampled_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
-  if (sg.n < kSampleMin || sg.k == 0) return false;
+  if (sg.n < kSampleMin) return false;
   const int log_stride = sg.n >= (int64_t(1) << 23) ? 4 : (sg.n >= (int64_t(1) << 22) ? 3 : 2);
   const int D = std::clamp(64 - __builtin_clzll(uint64_t(sg.n >> log_stride)) - 4, 10, 16);
   const int shift = 31 - D;
@@ -343,13 +347,7 @@ bool sampled_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
   const auto& hist = histogram(chunks, D, parallel, [&](const Chunk& ch, uint32_t* h0, uint32_t* h1) {
     runs(ch, [&](const Src& s, int64_t i0, int64_t i1, uint32_t) {
       dispatch_dt(s.dt, [&](auto dtc) {
-        constexpr int DT = decltype(dtc)::value;
-        int64_t i = i0;
-        for (; i + 2 <= i1; i += 2) {
-          h0[key_at<DT>(s.p, i) >> shift]++;
-          h1[key_at<DT>(s.p, i + 1) >> shift]++;
-        }
-        if (i < i1) h0[key_at<DT>(s.p, i) >> shift]++;
+        add_keys<decltype(dtc)::value>(s.p, i0, i1, shift, h0, h1);
       });
     });
   });
@@ -403,7 +401,7 @@ bool sampled_level_one(Seg& sg, const std::vector<Src>& srcs, bool parallel) {
   for (int64_t q = q_lo; q <= q_hi; ++q) inside += hist[q];
   if (double(inside) * double(sg.n) / double(size) > double(sampled_cap(sg.n))) return false;
   sg.known = false;
-  sg.sampled = sg.unread = true;
+  sg.sampled = true;
   sg.expect = int64_t(double(inside) * double(sg.n) / double(size));
   sg.lo = r_lo < 1 ? 0u : uint32_t(q_lo) << shift;
   sg.hi = r_hi > size ? kInfKey : uint32_t(q_hi + 1) << shift;
@@ -442,7 +440,7 @@ bool level_one(std::vector<Seg>& segs, const std::vector<Src>& srcs, bool allow_
   std::vector<int64_t> bad(segs.size(), 0);
   auto one = [&](size_t s, bool parallel) {
     if (segs[s].k == 0) {  // nothing pruned: no threshold to find
-      segs[s].known = segs[s].unread = true;
+      segs[s].known = true;
       segs[s].sampled = false;
       return;
     }
@@ -516,8 +514,9 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
     int64_t limit = 0;   // window entries level two may collect, over all segments
     int64_t expect = 0;  // and how many it will find (reserved up front: no regrowth)
     for (const Seg& sg : segs) {
-      if (!sg.known) limit += sg.sampled ? sampled_cap(sg.n) : bucket_cap(sg.n);
-      if (!sg.known) expect += sg.expect;
+      if (sg.known) continue;
+      limit += sg.sampled ? sampled_cap(sg.n) : bucket_cap(sg.n);
+      expect += sg.expect;
     }
     // The head row as it was: a sampled window can miss, an unread entry can be NaN, an
     // allocation can fail; each puts it back (~1/32 of a read of fp32 scores).
@@ -537,7 +536,7 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
     std::vector<Chunk> units;
     int64_t total = 0;
     for (int64_t i = 0; i < T; ++i) {
-      if (!win.p && segs[seg_of[i]].known && !segs[seg_of[i]].unread) continue;
+      if (!win.p && segs[seg_of[i]].known && !segs[seg_of[i]].unread()) continue;
       total += srcs[i].n;
       for (int64_t b = 0; b < srcs[i].n; b += kUnit)
         units.push_back({int32_t(i), b, std::min(srcs[i].n, b + kUnit)});
@@ -630,7 +629,7 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
     if (head) {
       // Tasks own disjoint bytes (units start a tensor's mask or 8 KiB into it), so
       // each sets its own kept entries; every row's count moves by one per entry.
-      std::vector<int64_t> fix(tasks * (L + 1), 0);
+      std::vector<int64_t> fix(tasks * L, 0);
       const uint8_t* const old_head = saved.data();  // not `saved` in the tasks
       run_tasks(tasks, tasks, parallel, [&](int64_t t, int64_t, int64_t) {
         int64_t kept = 0, ones[64] = {0};
@@ -643,10 +642,10 @@ bool two_level(const std::vector<Src>& srcs, std::vector<Seg>& segs, const Windo
           head[byte] |= uint8_t(1u << bit);
           ++kept;
         }
-        for (int64_t l = 0; l < L; ++l) fix[t * (L + 1) + l] = kept - 2 * ones[l];
+        for (int64_t l = 0; l < L; ++l) fix[t * L + l] = kept - 2 * ones[l];
       });
       for (int64_t t = 0; t < tasks; ++t)
-        for (int64_t l = 0; l < L; ++l) counts[l] += fix[t * (L + 1) + l];
+        for (int64_t l = 0; l < L; ++l) counts[l] += fix[t * L + l];
     }
     restore.armed = false;
     return true;

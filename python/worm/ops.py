@@ -348,8 +348,8 @@ def sample_mask_(tensors: Sequence[torch.Tensor], ks: Sequence[int], scope: str,
     The same results as the two calls, with one difference that keeps state whole:
     where the set holds NaN/Inf (``nonfinite`` not all 0; ``thr`` NaN) the window is
     left exactly as it was and ``counts`` is all 0. The C++ kernel fuses the two
-    (about 1.2 reads of the scores instead of 3-4: docs/ops.md, "Sampling in one
-    pass"); other backends run the two ops.
+    (about 1.1-1.3 reads' worth of memory traffic instead of 3-4: docs/ops.md,
+    "Sampling in one pass"); other backends run the two ops.
     """
     tensors = _nonempty(_tensor_list(tensors, "sample_mask_ tensors"), "sample_mask_")
     return torch.ops.worm.sample_mask_([t.detach() for t in tensors], _ks(ks), scope, window,
