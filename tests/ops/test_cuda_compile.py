@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.utils.cpp_extension as cpp_ext
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
 
 

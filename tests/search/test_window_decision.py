@@ -11,7 +11,7 @@ from worm.decision import decide
 from worm.rep import RepTensor
 from worm.window import MaskWindow
 
-PKG = pathlib.Path(__file__).resolve().parents[1] / "python" / "worm"
+PKG = pathlib.Path(__file__).resolve().parents[2] / "python" / "worm"
 
 
 @pytest.mark.parametrize("dists,mode,before,want", [

@@ -206,7 +206,7 @@ def test_bf16_exact_bins_hold_one_key():
 def test_the_baseline_path_without_avx2():
     """WORM_CPU_BASELINE=1: level two without AVX2/POPCNT (SSE2 or scalar), same results."""
     code = (
-        "import sys, torch; sys.path.insert(0, 'tests')\n"
+        "import sys, torch; sys.path.insert(0, 'tests'); sys.path.insert(0, 'tests/ops')\n"
         "import test_sample_plan as T\n"
         "assert torch.ops.worm_native.plan_counters()[-1] == 0, 'the AVX2 path is on'\n"
         "g = torch.Generator().manual_seed(11)\n"
@@ -217,7 +217,7 @@ def test_the_baseline_path_without_avx2():
         "print('ok')\n")
     env = dict(os.environ, WORM_CPU_BASELINE="1", WORM_BACKEND="cpp")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                          timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
