@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .heads import parse_kinds, structured_reps
 from .qk import qk_reps
 from .rep import RepTensor
 
@@ -59,8 +60,14 @@ def _as_reps(items, model: Optional[nn.Module]) -> list:
 LayersSpec = Union[str, Callable, Sequence]
 
 
-def select(model: Optional[nn.Module], layers: LayersSpec) -> list:
-    """The representative set as a list of :class:`RepTensor`, in a fixed order."""
+def select(model: Optional[nn.Module], layers: LayersSpec, scope: str = "global") -> list:
+    """The representative set as a list of :class:`RepTensor` (or, for ``"heads"`` and
+    ``"ffn"``, :class:`worm.heads.StructRep`), in a fixed order."""
+    kinds = parse_kinds(layers)
+    if kinds is not None:
+        if model is None:
+            raise ValueError(f"layers={layers!r} needs a model")
+        return structured_reps(model, kinds, scope)
     if isinstance(layers, str):
         if model is None:
             raise ValueError(f"layers={layers!r} needs a model")
@@ -69,7 +76,8 @@ def select(model: Optional[nn.Module], layers: LayersSpec) -> list:
         elif layers == "qk":
             reps = qk_reps(model)
         else:
-            raise ValueError(f"layers must be 'bn', 'qk', a callable or a list of tensors; got {layers!r}")
+            raise ValueError(f"layers must be 'bn', 'qk', 'heads', 'ffn', a callable or a list of "
+                             f"tensors; got {layers!r}")
     elif callable(layers):
         reps = _as_reps(list(layers(model)), model)
     else:

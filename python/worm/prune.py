@@ -51,6 +51,14 @@ import torch
 from torch import nn
 
 from .layers import BN_TYPES
+from .prune_transformer import is_structured_ticket as _structured_ticket
+from .prune_transformer import prune_structures as _prune_structures
+from .prune_transformer import transformer_report as _transformer_report
+
+
+def _is_transformer(model: nn.Module) -> bool:
+    return not any(isinstance(m, BN_TYPES) for m in model.modules()) and \
+        any(type(m).__name__.endswith("Attention") for m in model.modules())
 
 __all__ = ["prune_channels", "ChannelPlan", "floor_ticket", "count_params", "count_flops",
            "pruning_report", "format_report", "prune_report"]
@@ -249,6 +257,8 @@ def prune_channels(model: nn.Module, ticket: Mapping, example_inputs=None, *,
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(ticket, Mapping):
         raise TypeError(f"ticket must be a dict {{bn.weight: keep_mask}}, got {type(ticket).__name__}")
+    if _structured_ticket(model, ticket):  # heads / FFN neurons of a transformer
+        return _prune_structures(model, ticket, example_inputs)
     if coupled not in COUPLED_RULES:
         raise ValueError(f"coupled must be one of {COUPLED_RULES}, got {coupled!r}")
     ratio = _check_ratio(max_pruning_ratio)
@@ -443,6 +453,9 @@ def prune_report(dense: nn.Module, pruned: nn.Module, example_inputs=None, *,
     flops_pruned, flops_kept (MACs per image), latency_ms ({batch: {"dense", "pruned"}}),
     latency_ratio ({batch: pruned / dense}), threads, text.
     """
+    if _is_transformer(dense):  # token ids, dicts of kwargs; attention MACs counted
+        return _transformer_report(dense, pruned, example_inputs, batch_sizes=batch_sizes,
+                                   reps=reps, min_time=min_time, threads=threads)
     if example_inputs is None:
         example_inputs = _default_example(dense)
     if not isinstance(example_inputs, torch.Tensor):

@@ -83,7 +83,8 @@ def _match(name: str, mod: nn.Module, conv1d) -> Optional[list]:
                 RepTensor(getattr(mod, k).weight, f"{pre}{k}.weight")]
     c_attn = getattr(mod, "c_attn", None)
     if conv1d is not None and isinstance(c_attn, conv1d):
-        h = getattr(mod, "embed_dim", None)
+        # split_size: Q's width, the embedding's unless heads were pruned (worm.prune_transformer)
+        h = getattr(mod, "split_size", None) or getattr(mod, "embed_dim", None)
         if h is None or c_attn.weight.shape[1] != 3 * h or hasattr(mod, "q_attn"):
             return None  # GPT-2 cross-attention packs only K and V here: not ours
         w = c_attn.weight

@@ -26,6 +26,7 @@ from torch import nn
 from . import distributed as _dist
 from . import reference as _ref
 from .decision import MODES, decide, summarize
+from .heads import check_ratios, is_structured, parse_kinds, structured_ks
 from .layers import select
 from .optim import GradTruncation, _check_r
 from .window import SCORED_DTYPES, MaskWindow
@@ -106,20 +107,21 @@ class EarlyBird:
         l1 = _finite("l1", l1, 0.0, lo_ok=True)
         if every is not None:
             every = _positive_int("every", every, 1, "optimizer steps between samples; None: call step()")
-        if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)):
+        ratios = check_ratios(prune_ratio, parse_kinds(layers))  # {kind: p} of structured sets
+        if ratios is None and (isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float))):
             raise TypeError(f"prune_ratio must be a number, got {type(prune_ratio).__name__}")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-        self.prune_ratio = _ref.check_ratio(prune_ratio)
+        self.prune_ratio = ratios if ratios is not None else _ref.check_ratio(prune_ratio)
         self.mode, self.stop, self.delta = mode, stop, delta
         self.r = _check_worm_r(r)
         self.l1 = l1
         self.scope, self.every = scope, every
         self.model, self.optimizer = model, optimizer
 
-        self.reps = select(model, layers)
+        self.reps = select(model, layers, scope)
         for rep in self.reps:
             if rep.param.dtype not in SCORED_DTYPES or rep.param.is_sparse:
                 raise TypeError(f"representative tensor {rep.name} is {rep.param.dtype}"
@@ -128,7 +130,13 @@ class EarlyBird:
         self.params = [rep.param for rep in self.reps]
         numels = [rep.numel for rep in self.reps]
         self.numel = sum(numels)
-        if scope == "global":
+        self._op_scope = scope
+        if is_structured(self.reps):  # kinds never share a ranking (worm.heads)
+            if l1:
+                raise ValueError("l1 > 0 penalises representative weights; structured sets "
+                                 "(layers='heads'/'ffn') rank derived scores: use l1=0")
+            self._ks, self._op_scope = structured_ks(self.reps, self.prune_ratio), "layer"
+        elif scope == "global":
             self._ks = [_ref.num_pruned(self.numel, self.prune_ratio)]
         else:
             self._ks = [_ref.num_pruned(n, self.prune_ratio) for n in numels]
@@ -230,7 +238,7 @@ class EarlyBird:
         head, count = w.count % w.length, w.count
         saved = w.ring[head].clone()  # a failed step leaves the window as it was
         try:
-            dists = w.distances(w.push(self._ks, self.scope))
+            dists = w.distances(w.push(self._ks, self._op_scope))
             _dist.check_replicated_window(w)  # DDP, debug only: do the ranks agree?
             found, truncating = decide(dists, mode=self.mode, stop=self.stop,
                                        delta=self.delta, truncating=self.truncating)

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import ops
-from .packing import byte_offsets, unpack
+from .packing import byte_offsets, pack, unpack
 from .rep import RepTensor
 
 __all__ = ["MaskWindow", "SCORED_DTYPES"]
@@ -109,7 +109,10 @@ class MaskWindow:
         out: dict = {}
         for i, rep in enumerate(self.reps):
             keep = unpack(self.segment(row, i).contiguous(), [rep.shape])[0]
-            out[rep.param] = rep.full_mask(keep, out.get(rep.param))
+            if getattr(rep, "structured", False):  # heads/neurons: every entry they own
+                rep.expand(keep, out)
+            else:
+                out[rep.param] = rep.full_mask(keep, out.get(rep.param))
         return out
 
     def truncation_bits(self, row: Optional[int] = None) -> dict:
@@ -123,8 +126,15 @@ class MaskWindow:
         row = self.newest_row() if row is None else row
         ring_row = self.ring[row]
         bits: dict = {}
+        structured: dict = {}
         for i, rep in enumerate(self.reps):
-            if rep.index is None:  # any layout: the segment is in logical (row-major) order
+            if getattr(rep, "structured", False):
+                # expanded once per sampling step; the fused truncation then reads these bits
+                rep.expand(unpack(self.segment(row, i).contiguous(), [rep.shape])[0], structured)
+        for p, keep in structured.items():
+            bits[p] = pack([keep])
+        for i, rep in enumerate(self.reps):
+            if rep.index is None and not getattr(rep, "structured", False):  # any layout: the segment is in logical (row-major) order
                 seg = self.segment(row, i).clone()
                 for p in [rep.param, *rep.covers]:
                     bits[p] = seg
