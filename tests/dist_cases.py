@@ -165,7 +165,9 @@ def check_equal_to_one_process(rank, world, cases):
             assert any(h.truncating for h in s1.history), f"{what}: truncation never ran"
         if s1.found:  # the ticket: DTensors in the params' placement, equal when gathered
             t1, t2 = s1.ticket, s2.ticket
-            for p1, p2 in zip(t1, t2):
+            assert list(t1) == list(t2) and t2.sharded, what   # the same names
+            assert t2.full() == t1, f"{what}: gathered ticket differs"
+            for p1, p2 in zip(s1.params, s2.params):
                 assert wd.is_dtensor(t2[p2]) and t2[p2].placements == p2.placements, what
                 assert torch.equal(t1[p1], t2[p2].full_tensor()), f"{what}: ticket differs"
 

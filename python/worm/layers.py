@@ -1,5 +1,5 @@
-"""Which entries are representative: BatchNorm gammas, attention query/key weights, or
-whatever tensors the user names.
+"""Which entries are representative: BatchNorm gammas, any norm layer's gammas,
+attention query/key weights, or whatever tensors the user names.
 
 Each block of representative entries is a :class:`worm.rep.RepTensor` (re-exported
 here); the transformer layouts live in :mod:`worm.qk`.
@@ -15,9 +15,21 @@ from .heads import parse_kinds, structured_reps
 from .qk import qk_reps
 from .rep import RepTensor
 
-__all__ = ["RepTensor", "select", "BN_TYPES"]
+__all__ = ["RepTensor", "select", "BN_TYPES", "is_norm"]
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_NORM_TYPES = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                                getattr(nn, "RMSNorm", None)) if t is not None)
+
+
+def is_norm(mod: nn.Module) -> bool:
+    """A normalisation layer with a per-channel gamma: torch's (BatchNorm, InstanceNorm,
+    LayerNorm, GroupNorm, RMSNorm) or a library's own ``...Norm`` class (T5LayerNorm,
+    LlamaRMSNorm, ...) holding a ``weight`` parameter directly."""
+    w = mod._parameters.get("weight") if hasattr(mod, "_parameters") else None
+    if w is None:
+        return False
+    return isinstance(mod, _NORM_TYPES) or "Norm" in type(mod).__name__
 
 
 def _bn_reps(model: nn.Module) -> list:
@@ -31,6 +43,21 @@ def _bn_reps(model: nn.Module) -> list:
             reps.append(RepTensor(mod.weight, f"{name}.weight", None, covers))
     if not reps:
         raise ValueError(f"layers='bn' found no BatchNorm layer in {type(model).__name__}; "
+                         "pass layers='qk', a callable or a list of tensors")
+    return reps
+
+
+def _norm_reps(model: nn.Module) -> list:
+    """Every norm layer's gamma (its beta covered by the same mask)."""
+    reps = []
+    for name, mod in model.named_modules():
+        if is_norm(mod):
+            pre = f"{name}." if name else ""
+            b = mod._parameters.get("bias")
+            covers = [b] if b is not None and b.shape == mod.weight.shape else []
+            reps.append(RepTensor(mod.weight, f"{pre}weight", None, covers))
+    if not reps:
+        raise ValueError(f"layers='norm' found no norm layer with a gamma in {type(model).__name__}; "
                          "pass layers='qk', a callable or a list of tensors")
     return reps
 
@@ -73,11 +100,13 @@ def select(model: Optional[nn.Module], layers: LayersSpec, scope: str = "global"
             raise ValueError(f"layers={layers!r} needs a model")
         if layers == "bn":
             reps = _bn_reps(model)
+        elif layers == "norm":
+            reps = _norm_reps(model)
         elif layers == "qk":
             reps = qk_reps(model)
         else:
-            raise ValueError(f"layers must be 'bn', 'qk', 'heads', 'ffn', a callable or a list of "
-                             f"tensors; got {layers!r}")
+            raise ValueError(f"layers must be 'bn', 'norm', 'qk', 'heads', 'ffn', a callable or a list of tensors; "
+                             f"got {layers!r}")
     elif callable(layers):
         reps = _as_reps(list(layers(model)), model)
     else:

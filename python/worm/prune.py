@@ -54,6 +54,7 @@ from .layers import BN_TYPES
 from .prune_transformer import is_structured_ticket as _structured_ticket
 from .prune_transformer import prune_structures as _prune_structures
 from .prune_transformer import transformer_report as _transformer_report
+from .ticket import as_ticket
 
 
 def _is_transformer(model: nn.Module) -> bool:
@@ -77,12 +78,12 @@ def _bn_masks(model: nn.Module, ticket: Mapping) -> Dict[str, torch.Tensor]:
             if mod.bias is not None:
                 owner[id(mod.bias)] = (mod, name, "bias")
     by_bn: Dict[str, dict] = {}
-    for key, keep in ticket.items():
+    t = as_ticket(ticket, model, "prune_channels")
+    names = {id(p): n for n, p in model.named_parameters()}
+    mods = dict(model.named_modules())
+    for key, keep in t.bind(model, "prune_channels").items():
         if id(key) not in owner:
-            shape = tuple(key.shape) if isinstance(key, torch.Tensor) else type(key).__name__
-            raise ValueError(f"ticket key (shape {shape}) is not the weight or bias of a "
-                             f"BatchNorm in this {type(model).__name__}; pass the ticket "
-                             "taken from this very model (search.ticket)")
+            _refuse_entry(model, mods, names[id(key)], key)
         mod, name, kind = owner[id(key)]
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
             raise TypeError(f"ticket mask for {name}.{kind} must be a bool tensor, got "
@@ -99,6 +100,23 @@ def _bn_masks(model: nn.Module, ticket: Mapping) -> Dict[str, torch.Tensor]:
                              "a channel is kept or pruned as a whole")
         out[name] = w if w is not None else b
     return out
+
+
+def _refuse_entry(model: nn.Module, mods: dict, pname: str, p: torch.Tensor):
+    """The error for a ticket entry prune_channels cannot remove channels by."""
+    from .layers import is_norm
+    mod = mods.get(pname.rpartition(".")[0])
+    what = type(mod).__name__ if mod is not None else "module"
+    if mod is not None and is_norm(mod):
+        raise ValueError(
+            f"prune_channels removes the channels a BatchNorm ticket prunes; this ticket ranks "
+            f"{pname} of a {what} (a layers='norm' search), which it cannot turn into a smaller "
+            f"{type(model).__name__}. Apply it with worm.apply_masks(model, ticket) (gamma and "
+            "beta of each pruned channel held at zero), or search with layers='bn'")
+    raise ValueError(
+        f"prune_channels removes BatchNorm channels; the ticket's entry {pname} (shape "
+        f"{tuple(p.shape)}) is a {what} parameter, not a BatchNorm's gamma. An unstructured "
+        "ticket (layers='qk', a list of tensors) is applied with worm.apply_masks(model, ticket)")
 
 
 def _check_ratio(max_pruning_ratio) -> Optional[float]:
@@ -255,9 +273,7 @@ def prune_channels(model: nn.Module, ticket: Mapping, example_inputs=None, *,
         raise ImportError("prune_channels needs Torch-Pruning: pip install 'worm[cnn]' (or torch-pruning)") from e
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(ticket, Mapping):
-        raise TypeError(f"ticket must be a dict {{bn.weight: keep_mask}}, got {type(ticket).__name__}")
-    if _structured_ticket(model, ticket):  # heads / FFN neurons of a transformer
+    if isinstance(ticket, Mapping) and _structured_ticket(model, ticket):  # heads / FFN neurons
         return _prune_structures(model, ticket, example_inputs)
     if coupled not in COUPLED_RULES:
         raise ValueError(f"coupled must be one of {COUPLED_RULES}, got {coupled!r}")

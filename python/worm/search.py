@@ -29,6 +29,7 @@ from .decision import MODES, decide, summarize
 from .heads import check_ratios, is_structured, parse_kinds, structured_ks
 from .layers import select
 from .optim import GradTruncation, _check_r
+from .ticket import Ticket, from_reps
 from .window import SCORED_DTYPES, MaskWindow
 
 __all__ = ["EarlyBird", "Record"]
@@ -77,12 +78,14 @@ class EarlyBird:
     """Early-Bird ticket search; ``mode="worm"`` adds WORM's gradient truncation.
 
     Args:
-        model: the network (needed for ``layers="bn"``/``"qk"``; may be None with a list).
+        model: the network (needed for ``layers="bn"``/``"norm"``/``"qk"``; may be None
+            with a list; its parameter names name the ticket's masks).
         optimizer: a :class:`worm.WormSGD` (truncation fused into its step), any other
             ``torch.optim.Optimizer`` (truncation by a step pre-hook), or None for
             ``mode="eb"``.
         mode: ``"worm"``, ``"eb"`` (never truncate) or ``"truncate"`` (from the first step).
-        layers: ``"bn"``, ``"qk"``, a callable ``model -> tensors`` or a list of tensors.
+        layers: ``"bn"``, ``"norm"`` (every norm layer's gamma: LayerNorm, GroupNorm, ...),
+            ``"qk"``, a callable ``model -> tensors`` or a list of tensors.
         prune_ratio, window, stop, delta, r, scope: docs/method.md's p, l, s, delta, r, scope.
         every: sample automatically every ``every`` optimizer steps (a step post-hook);
             None: the caller calls :meth:`step` at each sampling point.
@@ -120,6 +123,8 @@ class EarlyBird:
         self.l1 = l1
         self.scope, self.every = scope, every
         self.model, self.optimizer = model, optimizer
+        self._layers_spec = layers if isinstance(layers, str) else \
+            ("+".join(layers) if parse_kinds(layers) else "callable" if callable(layers) else "list")
 
         self.reps = select(model, layers, scope)
         for rep in self.reps:
@@ -260,16 +265,26 @@ class EarlyBird:
 
     # ---------------------------------------------------------------- results
     @property
-    def mask(self) -> Optional[dict]:
-        """The newest sampled mask, ``{param: bool keep mask}`` (None before the first)."""
-        return None if self._window.count == 0 else self._window.masks()
+    def mask(self) -> Optional[Ticket]:
+        """The newest sampled mask as a :class:`worm.Ticket` ``{parameter name: bool keep}``
+        with its provenance (None before the first sample)."""
+        if self._window.count == 0:
+            return None
+        rec = self.history[-1] if self.history else None
+        spec = self._layers_spec
+        return from_reps(self._window.masks(), self.reps, self.model,
+                         kind="channels" if spec in ("bn", "norm") else
+                         "structures" if is_structured(self.reps) else None,
+                         prune_ratio=self.prune_ratio, scope=self.scope, layers=spec,
+                         found=self.found, **{k: getattr(rec, k, None) for k in
+                                              ("index", "epoch", "step", "d_max", "d_avg")})
 
     @property
-    def ticket(self) -> Optional[dict]:
-        """The ticket (the newest mask) once found, else None.
+    def ticket(self) -> Optional[Ticket]:
+        """The ticket (the newest mask, a :class:`worm.Ticket`) once found, else None.
 
         On an FSDP2-sharded set the masks are DTensors placed like their parameters;
-        ``worm.distributed.full_masks(search.ticket)`` gathers full tensors.
+        ``search.ticket.full()`` (or ``worm.distributed.full_masks``) gathers them.
         """
         return self.mask if self.found else None
 

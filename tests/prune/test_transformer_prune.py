@@ -96,9 +96,10 @@ def test_ffn_only_and_heads_only_tickets_and_global_scope():
 def test_name_keyed_ticket_prunes_a_fresh_model():
     dense = build("llama")
     _, ticket = _search_ticket(dense)
-    names = {id(p): n for n, p in dense.named_parameters()}
-    by_name = {names[id(p)]: m for p, m in ticket.items()}
-    a, b = worm.prune_channels(dense, ticket), worm.prune_channels(copy.deepcopy(dense), by_name)
+    assert isinstance(ticket, worm.Ticket) and ticket.kind == "structures"
+    params = dict(dense.named_parameters())
+    by_param = {params[n]: m for n, m in ticket.items()}  # the old {param: mask} form
+    a, b = worm.prune_channels(dense, by_param), worm.prune_channels(copy.deepcopy(dense), ticket)
     assert a.state_dict().keys() == b.state_dict().keys()
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
 
@@ -171,8 +172,7 @@ def test_fresh_process_rebuilds_pruned_model_exactly(tmp_path):
     dense = build("bert")
     _, ticket = _search_ticket(dense)
     small = worm.prune_channels(dense, ticket)
-    names = {id(p): n for n, p in dense.named_parameters()}
-    torch.save({names[id(p)]: m for p, m in ticket.items()}, tmp_path / "ticket.pt")
+    ticket.save(tmp_path / "ticket.pt")
     torch.save(small.state_dict(), tmp_path / "state.pt")
     (tmp_path / "config.json").write_text(dense.config.to_json_string())
     x = inputs("bert")
@@ -184,7 +184,7 @@ import torch, transformers as T, worm
 d = {str(tmp_path)!r}
 cfg = T.BertConfig.from_json_file(d + "/config.json")
 dense = T.BertForSequenceClassification(cfg)
-small = worm.load_pruned(dense, torch.load(d + "/ticket.pt", weights_only=True),
+small = worm.load_pruned(dense, worm.Ticket.load(d + "/ticket.pt"),
                          torch.load(d + "/state.pt", weights_only=True))
 small.eval()
 with torch.no_grad():
