@@ -11,10 +11,34 @@
 The callback builds :class:`worm.EarlyBird` on the Trainer's own optimizer (AdamW by
 default; truncation then runs as a step pre-hook on the unwrapped torch optimizer, so
 it acts after gradient clipping and before the update), samples a mask at each epoch
-end or every ``every`` optimizer steps, logs ``worm/d_max``, ``worm/d_avg`` and
-``worm/truncating`` to ``trainer.state.log_history``, and once the ticket is found
-applies it with :func:`worm.apply_masks` (pruned weights stay exactly zero) and
-retrains, or stops.
+end or every ``every`` optimizer steps, logs ``worm/d_max``, ``worm/d_avg``,
+``worm/truncating`` and ``worm/found``, and once the ticket is found applies it with
+:func:`worm.apply_masks` (pruned weights stay exactly zero) and retrains, or stops.
+
+Logging goes through ``trainer.log``, so the metrics reach ``trainer.state.log_history``
+*and* every ``report_to`` logger (TensorBoard, W&B, MLflow, ...). A callback cannot
+see its Trainer, so bind it: ``cb.attach(trainer)`` (also adds the callback if the
+Trainer was built without it). Unattached, the metrics go to ``log_history`` only, and
+a Trainer with ``report_to`` loggers gets a warning saying so.
+
+One callback serves one ``trainer.train()``: its search is closed at the end (no
+truncation runs any more), so a second ``train()`` is refused with an error; call
+:meth:`WormCallback.reset` to start a fresh search (on the new run's optimizer), or
+resume with :meth:`WormCallback.load_state_dict`.
+
+Structured tickets (issue 19): ``layers="heads"``, ``"ffn"`` or ``("heads", "ffn")``
+search attention heads (K/V groups) and FFN neurons, e.g. EarlyBERT's ratios::
+
+    cb = WormCallback(layers=("heads", "ffn"), prune_ratio={"heads": 1/3, "ffn": 0.4},
+                      scope="layer", apply_ticket=False)       # stop at the ticket
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
+    cb.attach(trainer); trainer.train()
+    small = cb.prune()            # same class, fewer heads and neurons: retrain it
+    Trainer(model=small, args=args, train_dataset=ds).train()
+
+or keep ``apply_ticket=True`` to retrain the dense model in place with the removed
+heads' and neurons' entries held at zero (the same function as ``cb.prune()``'s model,
+without its speed-up); ``cb.ticket`` is the :class:`worm.Ticket` either way.
 
 The same in a plain PyTorch loop::
 
@@ -96,6 +120,40 @@ class WormCallback(TrainerCallback):
         self._retrain_until: Optional[float] = None
         self._pending_state: Optional[dict] = None
         self._model = self._optimizer = None
+        self._trainer = None          # set by attach(): metrics then go through trainer.log
+        self._finished = False        # a train() ran to its end: the search is closed
+
+    # ------------------------------------------------------------- binding
+    def attach(self, trainer) -> "WormCallback":
+        """Log through ``trainer.log`` (so ``report_to`` loggers get ``worm/*``); adds the
+        callback to ``trainer`` if it is not there yet. Returns ``self``."""
+        if not callable(getattr(trainer, "log", None)) or not hasattr(trainer, "callback_handler"):
+            raise TypeError(f"attach() takes a transformers.Trainer, got {type(trainer).__name__}")
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self._trainer = trainer
+        return self
+
+    def reset(self) -> None:
+        """Forget the search, ticket and log: the next ``train()`` searches afresh."""
+        if self.search is not None:
+            self.search.close()
+        if self.mask_handle is not None:
+            self.mask_handle.remove()
+        self.search, self.found_at, self.ticket, self.mask_handle = None, None, None, None
+        self.log, self._retrain_until, self._finished = [], None, False
+        self._model = self._optimizer = None
+
+    def prune(self, example_inputs=None):
+        """The model with the ticket's heads/neurons (or BN channels) removed, to retrain
+        (:func:`worm.prune_channels`). The masks of ``apply_ticket`` are not carried over."""
+        if self.ticket is None:
+            raise RuntimeError("no ticket yet: prune() needs a found ticket (cb.found_at is None)")
+        from .prune import prune_channels
+        handle, self.mask_handle = self.mask_handle, None
+        if handle is not None:
+            handle.remove()
+        return prune_channels(self._model, self.ticket, example_inputs)
 
     # ------------------------------------------------------------- set-up
     def _ensure_search(self, kwargs) -> bool:
@@ -114,6 +172,15 @@ class WormCallback(TrainerCallback):
         return True
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self._finished:
+            raise RuntimeError(
+                "this WormCallback already ran a trainer.train(): its search is closed and "
+                "would log truncation that no longer happens. Use a new WormCallback, call "
+                "cb.reset() to search afresh, or cb.load_state_dict(...) to resume")
+        if self._trainer is None and [r for r in (args.report_to or []) if r != "none"]:
+            import warnings
+            warnings.warn(f"WormCallback: report_to={args.report_to} loggers only see worm/* "
+                          "metrics when the callback is bound: call cb.attach(trainer)", stacklevel=2)
         self._ensure_search(kwargs)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -126,7 +193,12 @@ class WormCallback(TrainerCallback):
                  "worm/truncating": rec.truncating, "worm/found": rec.found,
                  "epoch": state.epoch, "step": state.global_step}
         self.log.append(entry)
-        state.log_history.append(dict(entry))
+        if self._trainer is not None:  # log_history and every report_to logger
+            self._trainer.log({k: (float(v) if isinstance(v, bool) else v)
+                               for k, v in entry.items()
+                               if k.startswith("worm/") and v is not None})
+        else:
+            state.log_history.append(dict(entry))
         if rec.found:
             self._on_found(state, control, rec)
 
@@ -169,6 +241,7 @@ class WormCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.search is not None and self.found_at is None:
             self.search.close()  # no ticket: leave the optimizer as the user gave it
+        self._finished = self.search is not None
 
     # ------------------------------------------------------------- resume
     def state_dict(self) -> dict:
@@ -190,6 +263,8 @@ class WormCallback(TrainerCallback):
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore before ``trainer.train(resume_from_checkpoint=...)``; applied once the search exists."""
+        if self._finished:  # resuming into a new run: a fresh search on its optimizer
+            self.reset()
         if self.search is None:
             self._pending_state = sd
         else:
