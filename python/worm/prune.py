@@ -52,14 +52,10 @@ from torch import nn
 
 from .layers import BN_TYPES
 from .prune_transformer import is_structured_ticket as _structured_ticket
+from .prune_transformer import is_transformer as _is_transformer
 from .prune_transformer import prune_structures as _prune_structures
 from .prune_transformer import transformer_report as _transformer_report
 from .ticket import as_ticket
-
-
-def _is_transformer(model: nn.Module) -> bool:
-    return not any(isinstance(m, BN_TYPES) for m in model.modules()) and \
-        any(type(m).__name__.endswith("Attention") for m in model.modules())
 
 __all__ = ["prune_channels", "ChannelPlan", "floor_ticket", "count_params", "count_flops",
            "pruning_report", "format_report", "prune_report"]

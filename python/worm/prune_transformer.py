@@ -39,7 +39,7 @@ from .heads import StructRep, members_of
 from .layouts import attention_layouts, ffn_layouts
 
 __all__ = ["prune_structures", "load_pruned", "structured_plan", "transformer_report",
-           "is_structured_ticket"]
+           "is_structured_ticket", "is_transformer"]
 
 
 def _names(model: nn.Module, ticket: Mapping) -> dict:
@@ -72,6 +72,13 @@ def _layouts(model: nn.Module):
             found.append([])
             errors.append(str(e))
     return found[0], found[1], errors
+
+
+def is_transformer(model: nn.Module) -> bool:
+    """No BatchNorm and some attention module: prune_report's transformer path."""
+    from .layers import BN_TYPES
+    return not any(isinstance(m, BN_TYPES) for m in model.modules()) and \
+        any(type(m).__name__.endswith("Attention") for m in model.modules())
 
 
 def is_structured_ticket(model: nn.Module, ticket: Mapping) -> bool:

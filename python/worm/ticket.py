@@ -294,7 +294,8 @@ def from_reps(masks: Mapping, reps, model: Optional[nn.Module], **meta) -> Ticke
         n = name_of(rep.param, rep)
         by_name[n] = rep.param
         counted[n] = counted.get(n, 0) + rep.numel
-        for c in rep.covers:
+        # a structured rep's member parameters carry masks of their own, not a shared one
+        for c in ([] if getattr(rep, "structured", False) else rep.covers):
             if id(c) in names:
                 covers[names[id(c)]] = n
     for rep in reps:  # a structured rep's mask also names every parameter its heads own

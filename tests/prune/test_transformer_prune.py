@@ -272,3 +272,18 @@ def test_prune_report_counts_attention_macs_and_times_both():
     assert rep["flops_dense"] == macs(NH, FF)
     assert rep["flops_pruned"] == macs(NH // 2, FF - round(FF / 3))
     assert set(rep["latency_ms"]) == {1, 2} and rep["params_pruned"] < rep["params_dense"]
+
+
+def test_apply_masks_with_a_structured_ticket_is_the_pruned_model():
+    dense = build("roberta")
+    _, ticket = _search_ticket(dense)
+    small = worm.prune_channels(dense, ticket)
+    masked = copy.deepcopy(dense)
+    handle = worm.apply_masks(masked, ticket)
+    params = dict(masked.named_parameters())
+    for n, keep in ticket.items():  # every owned entry zero, each with its own mask
+        assert bool((params[n].detach()[~keep] == 0).all()) and bool(keep.any()), n
+    x = inputs("roberta")
+    with torch.no_grad():
+        assert torch.allclose(masked(**x).logits, small(**x).logits, atol=1e-5, rtol=1e-4)
+    handle.remove()
