@@ -15,7 +15,7 @@ Which path a truncating WormSGD step takes, per parameter:
 
 * ``foreach`` and ``fused`` left unset (the default): parameters the backend's fused
   kernel takes (dense, contiguous, fp32/bf16/fp16 with gradient and momentum buffer
-  of the same dtype) go through ``sgd_step_`` of :func:`worm._ops.resolve`; every
+  of the same dtype) go through :func:`worm.ops.sgd_step_`; every
   other parameter (channels_last or transposed weights, float64, complex, sparse
   gradients, a buffer of another dtype after ``.half()``, ...) goes through
   ``torch.optim.SGD``'s own code with the truncated gradient, as a hook would give it.
@@ -65,7 +65,7 @@ from typing import Dict, Optional
 import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
-from . import _ops
+from . import ops
 from . import reference as _ref
 from .distributed import is_dtensor as _is_dtensor
 from .distributed import local as _local
@@ -75,7 +75,7 @@ __all__ = ["WormSGD", "GradTruncation", "truncation_pre_hook", "truncated"]
 
 _STATE_KEY = "worm_truncation"
 _USER = "user"  # owner key of masks set by hand (set_truncation)
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = ops.FLOAT_DTYPES
 
 
 def _check_r(r) -> float:
@@ -409,8 +409,8 @@ class WormSGD(torch.optim.SGD):
                 continue
             be = backends.get(p.device)
             if be is None:
-                be = backends[p.device] = _ops.resolve(p.device)
-            if be.name == "reference":  # torch's own single-tensor step is the reference
+                be = backends[p.device] = ops.backend(p.device)
+            if be == "reference":  # torch's own single-tensor step is the reference
                 torch_path.append(p)
                 continue
             batches.setdefault((p.device, self._trunc.r_of.get(p)), []).append(p)
@@ -426,7 +426,7 @@ class WormSGD(torch.optim.SGD):
         for (device, r), params in batches.items():
             bufs = [self.state[p].get("momentum_buffer") if momentum != 0 else None for p in params]
             new_bufs = _sgd_step_on_shards(  # DTensor params (FSDP2): the op runs on local shards
-                backends[device].sgd_step_, params, [p.grad for p in params], bufs,
+                ops.sgd_step_, params, [p.grad for p in params], bufs,
                 [self._trunc.bits.get(p) for p in params], r=1.0 if r is None else r, lr=group["lr"], weight_decay=group["weight_decay"],
                 momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
                 maximize=group["maximize"])
@@ -565,8 +565,8 @@ def _truncate_only(st: _TruncationState) -> None:
                 and g.numel() > 0):
             be = backends.get(g.device)
             if be is None:
-                be = backends[g.device] = _ops.resolve(g.device)
-            if be.name != "reference":
+                be = backends[g.device] = ops.backend(g.device)
+            if be != "reference":
                 grads, bl = batches.setdefault((g.device, r), ([], []))
                 grads.append(g)
                 bl.append(bits)
@@ -576,7 +576,7 @@ def _truncate_only(st: _TruncationState) -> None:
         else:
             g.copy_(truncated(g, bits, r))
     for (device, r), (grads, bl) in batches.items():
-        backends[device].truncate_(grads, bl, r)
+        ops.truncate_(grads, bl, r)
     return None
 
 
