@@ -12,6 +12,13 @@ then 1 ulp of the result. bf16/fp16: at most 1 ulp of the param dtype per step (
 same FMA question, seen through one more rounding). ``r == 1`` skips truncation
 entirely, so it is exactly the untruncated step.
 
+The scalars (lr, weight decay, momentum, dampening, r) stay fp32, as in ATen's CUDA
+kernels (opmath), so on CUDA this is torch's CUDA SGD rounding. ATen's CPU vector loop
+rounds ``alpha`` to the parameter dtype first (its scalar tail does not); against
+torch.optim.SGD on CPU (for-loop or foreach) a bf16/fp16 step therefore stays within
+1 ulp of the dtype at the operand scale, the bound torch's own foreach and for-loop
+paths keep between each other (tests/ops/test_sgd_step.py; measured: bench/README.md).
+
 Scalars (lr, r, weight decay, momentum, dampening) are runtime arguments: changing
 them never recompiles. The flags (momentum on, nesterov, maximize, weight decay on)
 are compile-time, fixed for an optimizer's life.
