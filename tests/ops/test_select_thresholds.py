@@ -19,7 +19,7 @@ def test_select_thresholds_exact(impl, kind, dtype, scope):
     ts = C.make(kind, dtype, DEV)
     ratios = ratios(kind, ts)
     if impl == "triton" and INTERPRETED:
-        ratios = (0.5,) + tuple(C.k_edgeratios(ts))
+        ratios = (0.5,) + tuple(C.k_edge_ratios(ts))
     for p in ratios:
         thr, nonfinite = ops.select_thresholds(ts, ks_of(ts, p, scope), scope)
         assert thr.dtype == torch.float32 and thr.shape == (len(ts),)
@@ -89,7 +89,7 @@ def test_triton_select_large_plan_mixed_dtypes(monkeypatch):
              "bn_like": C.make("bn_like", torch.bfloat16, DEV)}
     for name, ts in cases.items():
         for scope in ("global", "layer"):
-            for p in (0.0, 0.5, 0.9) + tuple(C.k_edgeratios(ts)):
+            for p in (0.0, 0.5, 0.9) + tuple(C.k_edge_ratios(ts)):
                 thr, _ = ops.select_thresholds(ts, ks_of(ts, p, scope), scope)
                 assert_same(thr, R.thresholds([t.cpu() for t in ts], p, scope), (name, scope, p))
 
