@@ -17,10 +17,10 @@ from worm import reference as R
 @every_kind_scope_dtype
 def test_select_thresholds_exact(impl, kind, dtype, scope):
     ts = C.make(kind, dtype, DEV)
-    ratios = ratios(kind, ts)
+    rs = ratios(kind, ts)
     if impl == "triton" and INTERPRETED:
-        ratios = (0.5,) + tuple(C.k_edge_ratios(ts))
-    for p in ratios:
+        rs = (0.5,) + tuple(C.k_edge_ratios(ts))
+    for p in rs:
         thr, nonfinite = ops.select_thresholds(ts, ks_of(ts, p, scope), scope)
         assert thr.dtype == torch.float32 and thr.shape == (len(ts),)
         assert nonfinite.dtype == torch.int64
@@ -48,7 +48,7 @@ def test_select_thresholds_more_than_4m_entries(impl, dtype):
 @with_impls()
 @pytest.mark.parametrize("scope", ["global", "layer"])
 @pytest.mark.parametrize("dtype", C.DTYPES, ids=str)
-def test_select_thresholds_edgeks_of(impl, dtype, scope):
+def test_select_thresholds_edge_ks(impl, dtype, scope):
     """k = 0, 1, n - 1 and n for each tensor (layer) or the set (global)."""
     ts = C.make("many_small", dtype, DEV, seed=3)
     for pick in (lambda n: 0, lambda n: 1, lambda n: n - 1, lambda n: n):
