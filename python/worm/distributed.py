@@ -40,6 +40,8 @@ import torch
 
 from . import ops
 from . import reference as _ref
+from .packing import bit_weights
+from .rep import Entries
 from .window import MaskWindow, check_length
 
 __all__ = ["is_dtensor", "local", "local_numel", "sharded_window", "ShardedMaskWindow", "full_masks",
@@ -186,7 +188,7 @@ def bytes_per_sample(numels: Sequence[int], scope: str, window: int) -> int:
 
 
 # --------------------------------------------------------- sharded rep views
-class _LocalRep:
+class _LocalRep(Entries):
     """Where one representative tensor's local entries sit in its local shard."""
 
     def __init__(self, rep, shard_rows: tuple):
@@ -214,21 +216,11 @@ class _LocalRep:
         self.shape = tuple(self.values().shape)
         self.numel = math.prod(self.shape)
 
-    def values(self) -> torch.Tensor:
-        v = local(self.rep.param).detach()
-        return v if self.local_index is None else v[self.local_index]
+    def _source(self) -> torch.Tensor:
+        return local(self.rep.param)
 
-    def contiguous_values(self) -> torch.Tensor:
-        v = self.values()
-        return v if v.is_contiguous() else v.contiguous()
-
-    def full_local_mask(self, keep: torch.Tensor, base: Optional[torch.Tensor]) -> torch.Tensor:
-        """``keep`` placed in a local-shard-shaped bool mask (True outside the slice)."""
-        if self.local_index is None:
-            return keep
-        out = base if base is not None else torch.ones_like(local(self.rep.param), dtype=torch.bool)
-        out[self.local_index] = keep
-        return out
+    def _slice(self) -> Optional[tuple]:
+        return self.local_index
 
 
 def _shard_layout(p) -> tuple:
@@ -278,9 +270,6 @@ class ShardedMaskWindow(MaskWindow):
 
     def __init__(self, reps, length: int):
         self.length = check_length(length)
-        if self.length > ops.MAX_WINDOW:  # one mask-update call covers the whole window here
-            raise ValueError(f"a sharded search's window must be at most {ops.MAX_WINDOW}, "
-                             f"got {length!r}")
         self.count = 0
         self.reps = list(reps)
         layouts = [_shard_layout(r.param) for r in self.reps]
@@ -294,6 +283,10 @@ class ShardedMaskWindow(MaskWindow):
         self.local = [_LocalRep(r, rows) for r, (_, _, rows) in zip(self.reps, layouts)]
         self.offsets = _ref.byte_offsets([lr.numel for lr in self.local])
         self.device = local(self.reps[0].param).device
+        limit = ops.max_window(self.device)  # one mask-update call covers the whole window here
+        if limit is not None and self.length > limit:
+            raise ValueError(f"a sharded search's window must be at most {limit} on "
+                             f"{ops.backend(self.device)}, got {length!r}")
         self.params = list(dict.fromkeys(r.param for r in self.reps))  # unique, in order
         self.numels = [r.numel for r in self.reps]  # global entries per tensor
         self.numel = sum(self.numels)
@@ -339,7 +332,7 @@ class ShardedMaskWindow(MaskWindow):
         out: dict = {}
         for i, lr in enumerate(self.local):
             keep = _ref.unpack(self.segment(row, i).contiguous(), [lr.shape])[0]
-            out[lr.rep.param] = lr.full_local_mask(keep, out.get(lr.rep.param))
+            out[lr.rep.param] = lr.full_mask(keep, out.get(lr.rep.param))
         return out
 
     def masks(self, row: Optional[int] = None) -> dict:
@@ -414,13 +407,12 @@ def _pack_rows(mask: torch.Tensor, width: int) -> torch.Tensor:
     pad = _ref.packed_nbytes(width) * 8 - width
     if pad:
         flat = torch.cat([flat, flat.new_zeros(rows, pad)], dim=1)
-    w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    w = bit_weights(mask.device)
     return (flat.reshape(rows, _ref.packed_nbytes(width), 8) * w).sum(dim=2, dtype=torch.uint8)
 
 
 def _unpack_rows(packed: torch.Tensor, width: int) -> torch.Tensor:
-    w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(-1) & w) != 0
+    bits = (packed.unsqueeze(-1) & bit_weights(packed.device)) != 0
     return bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :width]
 
 

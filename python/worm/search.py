@@ -28,8 +28,9 @@ from . import reference as _ref
 from .decision import MODES, decide, summarize
 from .heads import check_ratios, is_structured, parse_kinds, structured_ks
 from .layers import select
-from .optim import GradTruncation, _check_r
 from .ticket import Ticket, from_reps
+from .truncation import GradTruncation
+from .truncation import check_r as _check_r
 from .window import SCORED_DTYPES, MaskWindow
 
 __all__ = ["EarlyBird", "Record"]

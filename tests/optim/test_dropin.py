@@ -292,8 +292,7 @@ def test_failed_wormsgd_step_changes_nothing(monkeypatch):
     m(_inputs(1)[0]).sum().backward()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     bufs = {p: opt.state[p]["momentum_buffer"].clone() for p in m.parameters() if p in opt.state}
-    from worm import _ops
-    real = _ops.resolve
+    real = worm.ops.backend
     calls = []
 
     def flaky(device):
@@ -301,7 +300,7 @@ def test_failed_wormsgd_step_changes_nothing(monkeypatch):
         if len(calls) > 1:
             raise RuntimeError("backend went away")
         return real(device)
-    monkeypatch.setattr(_ops, "resolve", flaky)
+    monkeypatch.setattr(worm.ops, "backend", flaky)
     with pytest.raises(RuntimeError, match="went away"):
         opt.step()
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
@@ -314,7 +313,7 @@ def test_failed_search_step_changes_nothing(monkeypatch):
     s = worm.EarlyBird(None, opt, mode="truncate", layers=[x], window=3)
     s.step()
     sd = s.state_dict()
-    trunc = dict(opt._trunc.bits)
+    trunc = dict(opt._worm_truncation.bits)
     with torch.no_grad():
         x.mul_(-1.5)
 
@@ -326,8 +325,8 @@ def test_failed_search_step_changes_nothing(monkeypatch):
     after = s.state_dict()
     assert torch.equal(after["ring"], sd["ring"]) and after["count"] == sd["count"]
     assert after["history"] == sd["history"] and after["truncating"] == sd["truncating"]
-    assert opt._trunc.bits.keys() == trunc.keys()
-    assert all(torch.equal(opt._trunc.bits[p], trunc[p]) for p in trunc)
+    assert opt._worm_truncation.bits.keys() == trunc.keys()
+    assert all(torch.equal(opt._worm_truncation.bits[p], trunc[p]) for p in trunc)
 
 
 def test_nonfinite_weights_leave_the_search_unchanged():
@@ -358,7 +357,7 @@ def test_every_argument_is_checked_at_construction(kw, match):
     opt = worm.WormSGD(m.parameters(), lr=0.1)
     with pytest.raises((ValueError, TypeError), match=match):
         worm.EarlyBird(m, opt, **{"mode": "worm", **kw})
-    assert opt._trunc._owners.keys() == {"user"}  # nothing left behind
+    assert opt._worm_truncation._owners.keys() == {"user"}  # nothing left behind
     assert not opt._optimizer_step_post_hooks
 
 
@@ -389,9 +388,10 @@ def _backends_here():
 
 @pytest.mark.parametrize("be", _backends_here())
 def test_windows_longer_than_one_op_call_are_split(be, monkeypatch):
-    # the op takes at most 64 rows per call (Triton); shrink that to 2 to test the split
+    # a backend may take a limited number of rows per call (Triton: 64); a limit of 2
+    # on every backend tests the split
     whole = _window_run(5, 9, be)
-    monkeypatch.setattr(worm.ops, "MAX_WINDOW", 2)
+    monkeypatch.setattr(worm.ops, "max_window", lambda device=None: 2)
     split = _window_run(5, 9, be)
     assert [h.distances for h in split.history] == [h.distances for h in whole.history]
     assert whole.history[-1].distances is not None
@@ -410,8 +410,8 @@ def test_non_contiguous_bn_weight_truncates_its_bias_too():
     opt = worm.WormSGD(m.parameters(), lr=1.0)
     s = worm.EarlyBird(m, opt, mode="truncate")
     s.step()
-    assert torch.equal(opt._trunc.bits[m.bias], opt._trunc.bits[m.weight])
-    assert torch.equal(opt._trunc.bits[m.weight], ref.pack([s.mask[m.weight]]))
+    assert torch.equal(opt._worm_truncation.bits[m.bias], opt._worm_truncation.bits[m.weight])
+    assert torch.equal(opt._worm_truncation.bits[m.weight], ref.pack([s.mask[m.weight]]))
 
 
 # ------------------------------------------------------------------ state dicts

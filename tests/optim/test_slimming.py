@@ -50,7 +50,7 @@ def test_l1_zero_is_exactly_the_plain_step(hyper):
     train_steps(a, torch.optim.SGD(a.parameters(), lr=0.1, **hyper))
     opt = worm.WormSGD(b.parameters(), lr=0.1, **hyper)
     search = worm.EarlyBird(b, opt, mode="eb", l1=0.0)
-    assert not opt._trunc.penalised
+    assert not opt._worm_truncation.penalised
     train_steps(b, opt)
     _same(a, b)
 
@@ -70,7 +70,7 @@ def test_l1_equals_sgd_with_gradient_hooks_reference(hyper, truncating, monkeypa
     train_steps(b, opt)
     _same(a, b)
     search.close()  # the penalty goes with the search
-    assert not opt._trunc.penalised
+    assert not opt._worm_truncation.penalised
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -88,8 +88,8 @@ def test_l1_on_the_fused_path_matches_the_reference(backend, monkeypatch):
     search._truncation.set({b[1].weight: keep, b[1].bias: keep}, r=3e-3)
     opt.set_truncation({b[0].weight: torch.ones_like(b[0].weight, dtype=torch.bool)}, r=3e-3)  # composes
     called = []
-    real = worm._ops.resolve
-    monkeypatch.setattr(worm._ops, "resolve", lambda d=None: called.append(1) or real(d))
+    real = worm.ops.backend
+    monkeypatch.setattr(worm.ops, "backend", lambda d=None: called.append(1) or real(d))
     train_steps(b, opt)
     assert called, "the fused path did not run"
     _same(a, b, exact=False)
@@ -126,7 +126,7 @@ def test_penalty_is_applied_after_truncation():
     del search
     import gc
     gc.collect()
-    assert not opt._trunc.penalised
+    assert not opt._worm_truncation.penalised
 
 
 def test_bad_l1_is_refused_at_construction():
