@@ -20,12 +20,16 @@ from .layers import BN_TYPES
 __all__ = ["trace", "plan_groups", "prune_groups", "floored", "Progress"]
 
 
-class Progress:
-    """Prints one note to stderr when a phase runs past ``after`` seconds, and when
-    it ends after that (large graphs such as maxvit_t trace for minutes)."""
+NOTE_AFTER = 10.0  # seconds a phase runs before Progress says so
 
-    def __init__(self, what: str, enabled: bool = True, after: float = 10.0):
-        self.what, self.enabled, self.after = what, enabled, after
+
+class Progress:
+    """Prints one note to stderr when a phase runs past ``after`` seconds (default
+    NOTE_AFTER), and when it ends after that (maxvit_t's graph takes minutes)."""
+
+    def __init__(self, what: str, enabled: bool = True, after: Optional[float] = None):
+        self.what, self.enabled = what, enabled
+        self.after = NOTE_AFTER if after is None else after
         self.noted = False
 
     def _note(self):
