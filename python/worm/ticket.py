@@ -315,8 +315,6 @@ def as_ticket(ticket, model: nn.Module, who: str = "ticket") -> Ticket:
     if not isinstance(ticket, Mapping):
         raise TypeError(f"{who}: the ticket must be a worm.Ticket or a dict {{parameter name: "
                         f"keep mask}}, got {type(ticket).__name__}")
-    if not ticket:
-        raise ValueError(f"{who}: the ticket is empty")
     names = {id(p): n for n, p in model.named_parameters()}
     masks = {}
     for key, keep in ticket.items():
@@ -377,6 +375,8 @@ def apply_masks(model: nn.Module, ticket, optimizer: Optional[torch.optim.Optimi
     and shapes match. A mask on a norm layer's gamma masks its beta as well.
     """
     t = as_ticket(ticket, model, "apply_masks")
+    if not len(t):
+        raise ValueError("apply_masks: the ticket is empty")
     owners = _owners(model)
     bound = t.bind(model, "apply_masks")
     covered = t.bound_covers(model) if t.covers else {}

@@ -47,8 +47,9 @@ def test_norm_search_ranks_gammas_and_prune_channels_points_at_apply_masks():
     torch.manual_seed(0)
     model = _NormNet()
     with torch.no_grad():
-        model.gn.weight.copy_(torch.rand(8) + 0.1)
-        model.ln.weight.copy_(torch.rand(8) + 0.1)
+        for m in (model.gn, model.ln):
+            m.weight.copy_(torch.rand(8) + 0.1)
+            m.bias.copy_(torch.rand(8) + 0.1)
     search = worm.EarlyBird(model, None, mode="eb", layers="norm", window=2, stop=1.0, delta=0.0)
     search.step()
     assert search.step().found
