@@ -73,9 +73,14 @@ def _stopping_module(exc: BaseException, model: nn.Module) -> Optional[str]:
         seen.add(id(n))
         if n.module in names and names[n.module]:
             name = names[n.module]
+            # the op lives in the forward of the nearest ancestor that is not a container
             parent = name.rpartition(".")[0]
+            while parent and isinstance(model.get_submodule(parent), (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+                parent = parent.rpartition(".")[0]
             where = f"{parent} ({type(model.get_submodule(parent)).__name__})" if parent else type(model).__name__
-            op = type(node.module).__name__.strip("_") if node.module not in names else type(node.module).__name__
+            op = type(node.module).__name__
+            if node.module not in names:  # one of Torch-Pruning's stand-ins for a tensor op
+                op = op.strip("_").removesuffix("Op").lower()
             return f"a {op} after {name} ({type(n.module).__name__}), in {where}"
         todo.extend(n.inputs)
     return None
