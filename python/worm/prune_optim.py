@@ -20,17 +20,15 @@ __all__ = ["check_sliceable", "move_optimizer"]
 
 def _truncating_owner(opt, ids: set):
     """The name of a worm search still truncating or penalising one of ``ids``."""
-    from . import optim as _optim
-    st = getattr(opt, "_trunc", None) if isinstance(opt, _optim.WormSGD) else \
-        getattr(_optim, "_PRE_HOOKED", {}).get(opt)
+    from .truncation import ATTR
+    st = getattr(opt, ATTR, None)
     if st is None:
         return None
-    for o in getattr(st, "_owners", {}).values():
+    for o in st._owners.values():
         if o.claimed & ids or any(id(p) in ids for p in o.bits):
             return o.name
-    for _, where in getattr(st, "penalties", {}).values():
-        if any(id(p) in ids for p in where):
-            return "an l1 penalty"
+    if any(id(p) in ids for p, _, _ in st.l1.terms()):
+        return "an l1 penalty"
     return None
 
 
