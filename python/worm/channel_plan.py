@@ -33,6 +33,10 @@ class ChannelPlan:
     coupled_groups: int = 0    # of which held more than one ticket BN
     params: Optional[list] = None
     macs: Optional[list] = None
+    coupled_bns: set = field(default_factory=set)   # ticket BNs in a group with others
+    grouped_conv_groups: int = 0  # groups cut alike in every slice of a grouped conv
+    whole_groups: int = 0         # groups left whole (feeding part of a grouped conv)
+    refilled: int = 0             # channels put back by the floor / never-empty rule
 
     @property
     def added(self) -> int:
@@ -64,7 +68,8 @@ class ChannelPlan:
                 "ticket_channels": self.channels, "ticket_kept": self.ticket_kept,
                 "realised_kept": self.realised_kept, "added": self.added,
                 "removed": self.removed, "departure": self.departure,
-                "params": self.params, "macs": self.macs}
+                "grouped_conv_groups": self.grouped_conv_groups, "whole_groups": self.whole_groups,
+                "refilled": self.refilled, "params": self.params, "macs": self.macs}
 
     def departure_text(self) -> str:
         """One paragraph: ticket vs realised channels, why they differ, params / MACs."""
@@ -78,10 +83,15 @@ class ChannelPlan:
         if self.coupled_groups:
             why.append(f"{self.coupled_groups} of {self.groups} channel groups couple several BNs "
                        f"(residual adds, concatenations), decided by coupled={self.coupled!r}")
-        if self.max_pruning_ratio is not None:
-            why.append(f"floor max_pruning_ratio={self.max_pruning_ratio}")
-        if self.added or self.removed:
-            why.append("grouped convs cut the same positions in every slice; a layer never empties")
+        if self.grouped_conv_groups:
+            why.append(f"{self.grouped_conv_groups} groups pass a grouped conv: the same positions "
+                       "are cut in every slice")
+        if self.whole_groups:
+            why.append(f"{self.whole_groups} groups feed part of a grouped conv and stay whole")
+        if self.refilled:
+            why.append(f"{self.refilled} channels put back so that no layer "
+                       + ("loses more than max_pruning_ratio" if self.max_pruning_ratio is not None
+                          else "empties"))
         if why and (self.added or self.removed):
             lines.append("  why: " + "; ".join(why))
         if self.params:
@@ -101,7 +111,7 @@ class ChannelPlan:
             r = self.realised.get(n, t)
             d = int((r ^ t).sum())
             rows.append(f"  {n:<{w}}  {t.numel():8d}  {int(t.sum()):6d}  {int(r.sum()):8d}  "
-                        f"{d:4d}{' (coupled)' if d else ''}")
+                        f"{d:4d}{' (coupled)' if d and n in self.coupled_bns else ''}")
         return "\n".join(rows)
 
     def text(self, per_layer: bool = False) -> str:

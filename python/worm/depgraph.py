@@ -198,11 +198,18 @@ def plan_groups(DG, model: nn.Module, masks: Dict[str, torch.Tensor], coupled: s
             continue
         plan.groups += 1
         plan.coupled_groups += len(seen) > 1
+        if len(seen) > 1:
+            plan.coupled_bns.update(name for name, _, _ in seen)
         ch_groups, partial = _channel_groups(DG, group, n)
         if partial:  # its slices span other groups' channels too: no valid cut to make alone
             keep = torch.ones(n, dtype=torch.bool)
+            plan.whole_groups += 1
         else:        # channels no ticket BN covers (a concat's other inputs) are not ours to cut
             keep = _decide(votes, score, counts, coupled, ch_groups, ratio) | (counts == 0)
+            plan.grouped_conv_groups += ch_groups > 1
+            if ch_groups == 1:  # put back by the floor or the never-empty rule
+                raw = votes > 0 if coupled == "any" else 2 * votes >= counts
+                plan.refilled += int((keep & ~raw & (counts > 0)).sum())
         for name, idx, root_idx in seen:
             realised[name][idx] = keep[root_idx]
         drop = (~keep).nonzero().flatten().tolist()

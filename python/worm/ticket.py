@@ -278,6 +278,15 @@ def _norm_covers(model: nn.Module, names) -> dict:
     return out
 
 
+def model_class(model: nn.Module) -> str:
+    """The user's class name, not a wrapper's (DDP, torch.compile, FSDP2's FSDP<cls>)."""
+    inner = {"DistributedDataParallel": "module", "OptimizedModule": "_orig_mod"}
+    while type(model).__name__ in inner and hasattr(model, inner[type(model).__name__]):
+        model = getattr(model, inner[type(model).__name__])
+    return next((c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP")),
+                type(model).__name__)
+
+
 def from_reps(masks: Mapping, reps, model: Optional[nn.Module], **meta) -> Ticket:
     """The search's ``{param: mask}`` (keyed by its representative tensors' parameters)
     as a named :class:`Ticket`; ``meta`` is the search's provenance."""
@@ -301,7 +310,7 @@ def from_reps(masks: Mapping, reps, model: Optional[nn.Module], **meta) -> Ticke
         whole = all(r.index is None and r.param.dim() == 1 for r in reps)
         meta["kind"] = "channels" if whole else "entries"
     if model is not None:
-        meta.setdefault("model_class", type(model).__name__)
+        meta.setdefault("model_class", model_class(model))
     return Ticket(named, params=by_name, covers=covers, counted=counted, **meta)
 
 
@@ -332,7 +341,7 @@ def as_ticket(ticket, model: nn.Module, who: str = "ticket") -> Ticket:
             raise TypeError(f"{who}: ticket keys are parameter names or parameters, got "
                             f"{type(key).__name__}")
     kind = "channels" if all(getattr(m, "dim", lambda: 0)() == 1 for m in masks.values()) else "entries"
-    return Ticket(masks, kind=kind, model_class=type(model).__name__, covers=_norm_covers(model, masks))
+    return Ticket(masks, kind=kind, model_class=model_class(model), covers=_norm_covers(model, masks))
 
 
 class MaskHandle:
