@@ -35,7 +35,8 @@ class Progress:
     def _note(self):
         self.noted = True
         print(f"worm.prune_channels: {self.what}: still running after {self.after:.0f} s "
-              "(large graphs take minutes; progress=False silences this)", file=sys.stderr, flush=True)
+              "(large graphs take minutes; worm.apply_masks(model, ticket) applies a ticket "
+              "without rebuilding; progress=False silences this)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         self.t0 = time.perf_counter()
