@@ -279,6 +279,15 @@ def _norm_covers(model: nn.Module, names) -> dict:
     return out
 
 
+def model_class(model: nn.Module) -> str:
+    """The user's class name, not a wrapper's (DDP, torch.compile, FSDP2's FSDP<cls>)."""
+    inner = {"DistributedDataParallel": "module", "OptimizedModule": "_orig_mod"}
+    while type(model).__name__ in inner and hasattr(model, inner[type(model).__name__]):
+        model = getattr(model, inner[type(model).__name__])
+    return next((c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP")),
+                type(model).__name__)
+
+
 def from_reps(masks: Mapping, reps, model: Optional[nn.Module], **meta) -> Ticket:
     """The search's ``{param: mask}`` (keyed by its representative tensors' parameters)
     as a named :class:`Ticket`; ``meta`` is the search's provenance."""
@@ -310,7 +319,7 @@ def from_reps(masks: Mapping, reps, model: Optional[nn.Module], **meta) -> Ticke
         whole = all(r.index is None and r.param.dim() == 1 for r in reps)
         meta["kind"] = "channels" if whole else "entries"
     if model is not None:
-        meta.setdefault("model_class", type(model).__name__)
+        meta.setdefault("model_class", model_class(model))
     return Ticket(named, params=by_name, covers=covers, counted=counted, **meta)
 
 
@@ -324,8 +333,6 @@ def as_ticket(ticket, model: nn.Module, who: str = "ticket") -> Ticket:
     if not isinstance(ticket, Mapping):
         raise TypeError(f"{who}: the ticket must be a worm.Ticket or a dict {{parameter name: "
                         f"keep mask}}, got {type(ticket).__name__}")
-    if not ticket:
-        raise ValueError(f"{who}: the ticket is empty")
     names = {id(p): n for n, p in model.named_parameters()}
     masks = {}
     for key, keep in ticket.items():
@@ -343,7 +350,7 @@ def as_ticket(ticket, model: nn.Module, who: str = "ticket") -> Ticket:
             raise TypeError(f"{who}: ticket keys are parameter names or parameters, got "
                             f"{type(key).__name__}")
     kind = "channels" if all(getattr(m, "dim", lambda: 0)() == 1 for m in masks.values()) else "entries"
-    return Ticket(masks, kind=kind, model_class=type(model).__name__, covers=_norm_covers(model, masks))
+    return Ticket(masks, kind=kind, model_class=model_class(model), covers=_norm_covers(model, masks))
 
 
 class MaskHandle:
@@ -386,6 +393,8 @@ def apply_masks(model: nn.Module, ticket, optimizer: Optional[torch.optim.Optimi
     and shapes match. A mask on a norm layer's gamma masks its beta as well.
     """
     t = as_ticket(ticket, model, "apply_masks")
+    if not len(t):
+        raise ValueError("apply_masks: the ticket is empty")
     owners = _owners(model)
     bound = t.bind(model, "apply_masks")
     covered = t.bound_covers(model) if t.covers else {}
