@@ -187,13 +187,3 @@ def structured_ks(reps, prune_ratio) -> list:
         p = prune_ratio[r.kind] if isinstance(prune_ratio, Mapping) else prune_ratio
         ks.append(_ref.num_pruned(r.numel, p))
     return ks
-
-
-def kept_share(reps, keep_rows) -> dict:
-    """{kind: kept fraction} of a structure mask (for logs)."""
-    out: dict = {}
-    for r, k in zip(reps, keep_rows):
-        a, b = out.get(r.kind, (0, 0))
-        out[r.kind] = (a + int(k.sum()), b + k.numel())
-    return {k: a / max(b, 1) for k, (a, b) in out.items()}
-
