@@ -6,6 +6,8 @@ rounding as :func:`worm.reference.truncate_` where the dtypes overlap.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import reference as _ref
@@ -28,13 +30,16 @@ def _scaled(v: torch.Tensor, keep: torch.Tensor, r: float) -> torch.Tensor:
     return v * scale
 
 
-def truncated(grad: torch.Tensor, keep_bits: torch.Tensor, r: float) -> torch.Tensor:
+def truncated(grad: torch.Tensor, keep_bits: torch.Tensor, r: float,
+              keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The gradient a hook multiplying the pruned entries by ``r`` returns (a new tensor).
 
     Any dtype, layout (channels_last, transposed, ...) or sparse COO gradient;
-    ``keep_bits`` is the packed mask in the parameter's logical (row-major) order.
+    ``keep_bits`` is the packed mask in the parameter's logical (row-major) order
+    (``keep``: the same mask already unpacked, when the caller keeps one).
     """
-    keep = _ref.unpack(keep_bits, [grad.shape])[0]
+    if keep is None:
+        keep = _ref.unpack(keep_bits, [grad.shape])[0]
     if grad.is_sparse:  # entry by entry, duplicates not summed first: as a hook sees them
         idx = grad._indices()
         vals = _scaled(grad._values(), keep[tuple(idx)], r)
