@@ -133,7 +133,7 @@ class WormSGD(torch.optim.SGD):
             with torch.enable_grad():
                 loss = closure()
         if st.active:  # every group is checked before any is updated
-            check_sizes(st.bits, self, "WormSGD.step")
+            check_sizes(st.sizes, self, "WormSGD.step")
         if st.penalised:
             self._penalised_step()
         else:

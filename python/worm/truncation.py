@@ -94,15 +94,15 @@ def param_label(optimizer, p) -> str:
     return f"{where} (shape {tuple(p.shape)})"
 
 
-def check_sizes(bits: dict, optimizer, who: str) -> None:
-    """Every mask still covers its parameter: refuse one resized in place, by name,
-    before anything is changed."""
-    for p, b in bits.items():
+def check_sizes(sizes: dict, optimizer, who: str) -> None:
+    """Every mask still covers its parameter (``sizes``: {param: entries when its mask
+    was set}): refuse one resized in place, by name, before anything is changed."""
+    for p, n0 in sizes.items():
         n = _local(p).numel()
-        if b.numel() != _ref.packed_nbytes(n):
+        if n != n0:
             raise ValueError(f"{who}: {param_label(optimizer, p)} has {n} entries but its truncation "
-                             f"mask was made for {b.numel() * 8} at most: it was resized after the mask "
-                             "was set. Set the masks again (or close() the search and build a new one)")
+                             f"mask was set for {n0}: it was resized after the mask was set. Set the "
+                             "masks again (or close() the search and build a new one)")
 
 
 def check_bits(bits: dict, owner: str) -> dict:
@@ -118,10 +118,11 @@ def check_bits(bits: dict, owner: str) -> dict:
 
 # ------------------------------------------------------------------ owners
 class _Owner:
-    __slots__ = ("name", "claimed", "bits", "r", "at", "hooks", "keep")
+    __slots__ = ("name", "claimed", "bits", "r", "at", "hooks", "keep", "sizes")
 
     def __init__(self, name: str, at: str = "step"):
         self.name, self.claimed, self.bits, self.r, self.at = name, set(), {}, None, at
+        self.sizes: dict = {}  # {param: entries when its mask was set}
         self.hooks: dict = {}  # at="backward": {id(param): hook handle}
         self.keep: dict = {}   # at="backward": {param: (bits, unpacked bool mask)}
 
@@ -161,7 +162,7 @@ class _BackwardHook:
         bits = o.bits.get(p)
         if bits is None or o.r is None or o.r == 1.0:
             return None
-        if grad.shape != p.shape or bits.numel() != _ref.packed_nbytes(p.numel()):
+        if grad.shape != p.shape or p.numel() != o.sizes.get(p):
             raise ValueError(f"{o.name}: a parameter of shape {tuple(p.shape)} no longer matches its "
                              "truncation mask (resized after the mask was set)")
         return truncated(grad, bits, o.r, o.keep_of(p, bits))
@@ -179,6 +180,7 @@ class TruncationState:
         self._owners: dict = {}
         self.bits: dict = {}
         self.r_of: dict = {}
+        self.sizes: dict = {}
         self.l1 = L1Penalties()
 
     @property
@@ -190,13 +192,13 @@ class TruncationState:
         return len(self.bits) > 0  # len(): torch.compile cannot trace bool(dict)
 
     def _rebuild(self) -> None:
-        bits, r_of = {}, {}
+        bits, r_of, sizes = {}, {}, {}
         for o in self._owners.values():
             if o.r is None or o.r == 1.0 or o.at != "step":  # "backward": the hooks truncate
                 continue
             for p, b in o.bits.items():
-                bits[p], r_of[p] = b, o.r
-        self.bits, self.r_of = bits, r_of
+                bits[p], r_of[p], sizes[p] = b, o.r, o.sizes[p]
+        self.bits, self.r_of, self.sizes = bits, r_of, sizes
 
     def add_owner(self, key, name: str, at: str = "step") -> None:
         self._owners.setdefault(key, _Owner(name, at))
@@ -238,12 +240,13 @@ class TruncationState:
                 return
             raise RuntimeError("this truncation handle was removed; make a new one")
         if bits is None:
-            o.bits, o.r = {}, None
+            o.bits, o.r, o.sizes = {}, None, {}
         else:
             self.refuse_shared(key, list(bits), o.name)
             if o.at == "backward":
                 o.hook(list(bits))
             o.bits, o.r = dict(bits), r
+            o.sizes = {p: _local(p).numel() for p in o.bits}
         self._rebuild()
 
     def owner_state(self, key, index_of: dict) -> dict:
@@ -307,7 +310,7 @@ def _pre_hook(optimizer, args, kwargs):
 def truncate_grads(st: TruncationState, optimizer=None) -> None:
     """In place on p.grad, once per step: every owner's masks, then the slimming penalty."""
     if st.active:
-        check_sizes(st.bits, optimizer, "truncation pre-hook")  # before any gradient changes
+        check_sizes(st.sizes, optimizer, "truncation pre-hook")  # before any gradient changes
     with torch.no_grad():
         truncate_only(st)
         if st.penalised:
