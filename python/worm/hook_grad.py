@@ -13,7 +13,7 @@ import torch
 from . import reference as _ref
 from .distributed import is_dtensor as _is_dtensor
 
-__all__ = ["KERNEL_DTYPES", "truncated", "truncated_grad"]
+__all__ = ["KERNEL_DTYPES", "truncated", "truncated_grad", "BackwardHook"]
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -55,3 +55,22 @@ def truncated_grad(grad, bits, r):
     from torch.distributed.tensor import DTensor
     return DTensor.from_local(truncated(grad.to_local(), bits, r), grad.device_mesh, grad.placements,
                               run_check=False, shape=grad.shape, stride=grad.stride())
+
+
+class BackwardHook:
+    """The gradient hook (``p.register_hook``) of a truncation owner with
+    ``at="backward"`` (worm.truncation): the owner's current mask and r, read at each
+    backward, so the masks can change between steps without re-registering."""
+
+    def __init__(self, owner, p: torch.Tensor):
+        self.owner, self.p = owner, p
+
+    def __call__(self, grad):
+        o, p = self.owner, self.p
+        bits = o.bits.get(p)
+        if bits is None or o.r is None or o.r == 1.0:
+            return None
+        if grad.shape != p.shape or p.numel() != o.sizes.get(p):
+            raise ValueError(f"{o.name}: a parameter of shape {tuple(p.shape)} no longer matches its "
+                             "truncation mask (resized after the mask was set)")
+        return truncated(grad, bits, o.r, o.keep_of(p, bits))

@@ -346,6 +346,10 @@ class EarlyBird:
                 "truncating": self.truncating, "history": history}
 
     def load_state_dict(self, sd: dict) -> None:
+        """Resume a search from :meth:`state_dict`. The state must come from a search
+        built with the same arguments: a differing mode, p, window, scope, every, l1,
+        stop, delta or r is refused (the constructor's values are never silently
+        replaced), as is a corrupt window count; a refusal changes nothing."""
         self._refuse_closed()
         mine = self._config()
         theirs = sd.get("config", {})

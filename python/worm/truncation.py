@@ -39,7 +39,7 @@ from . import _ops
 from . import reference as _ref
 from .distributed import is_dtensor as _is_dtensor
 from .distributed import local as _local
-from .hook_grad import KERNEL_DTYPES, truncated
+from .hook_grad import KERNEL_DTYPES, BackwardHook, truncated
 from .slimming import L1Penalties, add_in_place
 
 __all__ = ["GradTruncation", "truncation_pre_hook", "TruncationState", "state_of",
@@ -143,29 +143,12 @@ class _Owner:
                                  "truncate_at='step'")
             if not p.requires_grad:
                 continue  # no gradient ever reaches it
-            self.hooks[id(p)] = p.register_hook(_BackwardHook(self, p))
+            self.hooks[id(p)] = p.register_hook(BackwardHook(self, p))
 
     def unhook(self) -> None:
         for h in self.hooks.values():
             h.remove()
         self.hooks, self.keep = {}, {}
-
-
-class _BackwardHook:
-    """The gradient hook of an ``at="backward"`` owner: the owner's current mask and r."""
-
-    def __init__(self, owner: _Owner, p: torch.Tensor):
-        self.owner, self.p = owner, p
-
-    def __call__(self, grad):
-        o, p = self.owner, self.p
-        bits = o.bits.get(p)
-        if bits is None or o.r is None or o.r == 1.0:
-            return None
-        if grad.shape != p.shape or p.numel() != o.sizes.get(p):
-            raise ValueError(f"{o.name}: a parameter of shape {tuple(p.shape)} no longer matches its "
-                             "truncation mask (resized after the mask was set)")
-        return truncated(grad, bits, o.r, o.keep_of(p, bits))
 
 
 class TruncationState:
