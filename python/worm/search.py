@@ -25,7 +25,7 @@ from torch import nn
 
 from . import distributed as _dist
 from . import reference as _ref
-from .decision import MODES, decide, summarize
+from .decision import MODES, Trace, check_delta, check_stop, decide, summarize
 from .layers import select
 from .optim import GradTruncation, _check_r
 from .window import SCORED_DTYPES, MaskWindow
@@ -83,6 +83,8 @@ class EarlyBird:
         mode: ``"worm"``, ``"eb"`` (never truncate) or ``"truncate"`` (from the first step).
         layers: ``"bn"``, ``"qk"``, a callable ``model -> tensors`` or a list of tensors.
         prune_ratio, window, stop, delta, r, scope: docs/method.md's p, l, s, delta, r, scope.
+            ``stop="auto"`` / ``delta="auto"``: the threshold-free rules of docs/method.md;
+            delta None (the default) is 0.05 with a number s and "auto" with stop="auto".
         every: sample automatically every ``every`` optimizer steps (a step post-hook);
             None: the caller calls :meth:`step` at each sampling point.
         l1: network slimming (EB's recipe, 1e-4 there): ``g = trunc(g) + l1*sign(w)`` on
@@ -93,7 +95,7 @@ class EarlyBird:
 
     def __init__(self, model: Optional[nn.Module], optimizer: Optional[torch.optim.Optimizer] = None,
                  mode: str = "worm", layers="bn", prune_ratio: float = 0.5, window: int = 5,
-                 stop: float = 0.1, delta: float = 0.05, r: float = 3e-3, scope: str = "global",
+                 stop=0.1, delta=None, r: float = 3e-3, scope: str = "global",
                  every: Optional[int] = None, l1: float = 0.0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -101,8 +103,8 @@ class EarlyBird:
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
         # Every argument is checked here, before anything is built or hooked.
         window = _positive_int("window", window, 2, "distances need an older mask")
-        stop = _finite("stop (s)", stop, 0.0, lo_ok=False)
-        delta = _finite("delta", delta, 0.0, lo_ok=True)
+        stop = check_stop(stop)
+        delta = check_delta(delta, stop)
         l1 = _finite("l1", l1, 0.0, lo_ok=True)
         if every is not None:
             every = _positive_int("every", every, 1, "optimizer steps between samples; None: call step()")
@@ -136,6 +138,7 @@ class EarlyBird:
         # FSDP2-sharded sets get a window over their local shards (worm.distributed)
         self._window = _dist.sharded_window(self.reps, window) or MaskWindow(self.reps, window, self.device)
         self.window = self._window.length
+        self._trace = Trace()  # what stop/delta="auto" read of the history
         self._opt_steps = 0
         self.found = False
         self.truncating = False
@@ -232,14 +235,16 @@ class EarlyBird:
         try:
             dists = w.distances(w.push(self._ks, self.scope))
             _dist.check_replicated_window(w)  # DDP, debug only: do the ranks agree?
+            trace = self._trace.push(dists, w.numel)
             found, truncating = decide(dists, mode=self.mode, stop=self.stop,
-                                       delta=self.delta, truncating=self.truncating)
+                                       delta=self.delta, truncating=self.truncating,
+                                       numel=w.numel, trace=trace, prune_ratio=self.prune_ratio)
             self._apply_truncation(truncating)
         except BaseException:
             w.ring[head].copy_(saved)
             w.count = count
             raise
-        self.found, self.truncating = found, truncating
+        self.found, self.truncating, self._trace = found, truncating, trace
         d_max, d_avg = summarize(dists) if dists is not None else (None, None)
 
         rec = Record(index=self._window.count,
@@ -319,11 +324,12 @@ class EarlyBird:
         if theirs.get("numel") != mine["numel"]:
             raise ValueError(f"cannot load search state: numel is {theirs.get('numel')!r} in the "
                              f"state dict but {mine['numel']!r} here")
-        stop = _finite("stop (s)", theirs["stop"], 0.0, lo_ok=False)
-        delta = _finite("delta", theirs["delta"], 0.0, lo_ok=True)
+        stop = check_stop(theirs["stop"])
+        delta = check_delta(theirs["delta"], stop)
         r = _check_worm_r(theirs["r"])
         history = sd["history"]
         history = [Record(**h) for h in (json.loads(history) if isinstance(history, str) else history)]
+        trace = Trace.replay([h.distances for h in history], self.numel)
         opt_steps, found, truncating = int(sd["opt_steps"]), bool(sd["found"]), bool(sd["truncating"])
         w = self._window
         old_ring, old_count, old_r = w.ring.clone(), w.count, self.r
@@ -337,4 +343,4 @@ class EarlyBird:
             raise
         self.stop, self.delta = stop, delta
         self._opt_steps, self.found, self.truncating = opt_steps, found, truncating
-        self.history = history
+        self.history, self._trace = history, trace
