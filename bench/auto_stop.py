@@ -215,7 +215,7 @@ def run_cnn(a) -> dict:
                     ex.train_epoch(small, ropt, loader)
                     accs.append(ex.evaluate(small, test_loader))
                 row = {"seed": seed, "trajectory": label, "stop": name, "found": found,
-                       "stop_epoch": ep if found else None, "truncation_epoch": on if (on is not None and on <= ep) else None,
+                       "stop_epoch": ep if found else None, "truncation_epoch": on if (on is not None and on < ep) else None,
                        "pre_prune_acc": pre, "pruned_acc": pruned, "retrain_accs": accs,
                        "params_kept": ex.count_params(small) / ex.count_params(m),
                        "distances": [h.distances for h in search.history][:ep],
