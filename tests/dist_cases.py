@@ -165,7 +165,9 @@ def check_equal_to_one_process(rank, world, cases):
             assert any(h.truncating for h in s1.history), f"{what}: truncation never ran"
         if s1.found:  # the ticket: DTensors in the params' placement, equal when gathered
             t1, t2 = s1.ticket, s2.ticket
-            for p1, p2 in zip(t1, t2):
+            assert list(t1) == list(t2) and t2.sharded, what   # the same names
+            assert t2.full() == t1, f"{what}: gathered ticket differs"
+            for p1, p2 in zip(s1.params, s2.params):
                 assert wd.is_dtensor(t2[p2]) and t2[p2].placements == p2.placements, what
                 assert torch.equal(t1[p1], t2[p2].full_tensor()), f"{what}: ticket differs"
 
@@ -202,6 +204,19 @@ def check_resume(rank, world, ckpt_dir):
     assert torch.equal(packed_full(s1), packed_full(s2)), "resumed mask differs"
     for a, b in zip(full_params(m1), full_params(m2)):
         assert torch.equal(a, b), "resumed weights differ"
+    # the sharded ticket leaves the job: gathered by save() (rank 0 writes), or shard by
+    # shard with torch.distributed.checkpoint
+    t1, full = s1.mask, s1.mask.full()
+    assert t1.sharded and not full.sharded and list(full) == [f"{i}.weight" for i in (1, 4, 7)]
+    t1.save(os.path.join(ckpt_dir, "ticket.pt"))
+    dist.barrier()
+    assert worm.Ticket.load(os.path.join(ckpt_dir, "ticket.pt")) == full
+    dcp.save(t1.state_dict(), checkpoint_id=os.path.join(ckpt_dir, "ticket_dcp"))
+    m3, o3, s3 = fresh()
+    train(m3, o3, s3, kind, 2)
+    sd = s3.mask.state_dict()
+    dcp.load(sd, checkpoint_id=os.path.join(ckpt_dir, "ticket_dcp"))
+    assert worm.Ticket.from_state_dict(sd).full() == full, "ticket through dcp differs"
 
 
 def check_ddp(rank, world):

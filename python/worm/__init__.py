@@ -8,13 +8,13 @@ from . import ops, reference
 from .ops import backend, backend_info
 from .optim import WormSGD, truncation_pre_hook
 from .search import EarlyBird, Record
-from .ticket import apply_masks, remove_masks
+from .ticket import Ticket, apply_masks, remove_masks
 from .prune import prune_channels, prune_report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ops", "reference", "backend", "backend_info", "WormSGD", "truncation_pre_hook",
-    "EarlyBird", "Record", "apply_masks", "remove_masks", "prune_channels",
+    "EarlyBird", "Record", "Ticket", "apply_masks", "remove_masks", "prune_channels",
     "prune_report",
 ]

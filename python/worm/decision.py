@@ -13,6 +13,7 @@ from its history decides exactly as one that never stopped.
 from __future__ import annotations
 
 import math
+import numbers
 from fractions import Fraction
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -34,15 +35,16 @@ class Decision(NamedTuple):
 
 # ------------------------------------------------------------- the arguments
 def check_stop(stop) -> Union[float, str]:
-    """``stop`` (s) as given: a number in (0, 1), or ``"auto"``."""
+    """``stop`` (s) as given: a number in (0, 1], or ``"auto"``. s = 1 stops at the first
+    full window unless two masks are complements (distances lie in [0, 1])."""
     if isinstance(stop, str):
         if stop != AUTO:
-            raise ValueError(f"stop must be a number in (0, 1) or 'auto', got {stop!r}")
+            raise ValueError(f"stop must be a number in (0, 1] or 'auto', got {stop!r}")
         return stop
-    if isinstance(stop, bool) or not isinstance(stop, (int, float)):
-        raise TypeError(f"stop (s) must be a number in (0, 1) or 'auto', got {type(stop).__name__}")
-    if not (math.isfinite(stop) and 0 < stop < 1):
-        raise ValueError(f"stop (s) must be a number in (0, 1): the search stops when d_max < s "
+    if isinstance(stop, bool) or not isinstance(stop, numbers.Real):
+        raise TypeError(f"stop (s) must be a number in (0, 1] or 'auto', got {type(stop).__name__}")
+    if not (math.isfinite(stop) and 0 < stop <= 1):
+        raise ValueError(f"stop (s) must be a number in (0, 1]: the search stops when d_max < s "
                          f"and distances lie in [0, 1]; got {stop!r} (or use stop='auto')")
     return float(stop)
 
@@ -56,7 +58,7 @@ def check_delta(delta, stop) -> Union[float, str]:
         if delta != AUTO:
             raise ValueError(f"delta must be a number >= 0 or 'auto', got {delta!r}")
         return delta
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)):
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
         raise TypeError(f"delta must be a number >= 0 or 'auto', got {type(delta).__name__}")
     if not (math.isfinite(delta) and delta >= 0):
         raise ValueError(f"delta must be a finite number >= 0 (or 'auto'), got {delta!r}")

@@ -440,6 +440,8 @@ def full_masks(masks: Optional[dict]) -> Optional[dict]:
     """{param: full bool tensor} from masks in their parameters' placement (gathers)."""
     if masks is None:
         return None
+    if hasattr(masks, "full"):  # a worm.Ticket
+        return masks.full()
     return {p: (m.full_tensor() if is_dtensor(m) else m) for p, m in masks.items()}
 
 

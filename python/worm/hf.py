@@ -6,7 +6,7 @@
     cb = WormCallback(mode="worm", every=None, retrain_epochs=1)   # per-epoch sampling
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
     trainer.train()
-    cb.found_at, cb.ticket            # where the ticket was found, {param: keep mask}
+    cb.found_at, cb.ticket            # where the ticket was found, a worm.Ticket
 
 The callback builds :class:`worm.EarlyBird` on the Trainer's own optimizer (AdamW by
 default; truncation then runs as a step pre-hook on the unwrapped torch optimizer, so
@@ -90,7 +90,7 @@ class WormCallback(TrainerCallback):
         self.retrain_epochs = retrain_epochs
         self.search: Optional[EarlyBird] = None
         self.found_at: Optional[dict] = None     # {"step", "epoch", "sample"} once found
-        self.ticket: Optional[dict] = None
+        self.ticket = None                       # a worm.Ticket once found
         self.mask_handle = None
         self.log: list = []                      # one dict per sampling step
         self._retrain_until: Optional[float] = None

@@ -1,5 +1,5 @@
-"""Which entries are representative: BatchNorm gammas, attention query/key weights, or
-whatever tensors the user names.
+"""Which entries are representative: BatchNorm gammas, any norm layer's gammas,
+attention query/key weights, or whatever tensors the user names.
 
 Each block of representative entries is a :class:`worm.rep.RepTensor` (re-exported
 here); the transformer layouts live in :mod:`worm.qk`.
@@ -21,11 +21,22 @@ from torch.nn.utils import parametrize
 from .qk import qk_reps
 from .rep import RepTensor
 
-__all__ = ["RepTensor", "select", "BN_TYPES"]
+__all__ = ["RepTensor", "select", "BN_TYPES", "is_norm"]
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # per-channel affine normalisations: gamma and beta of a channel go together
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+NORM_TYPES = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                               getattr(nn, "RMSNorm", None)) if t is not None)
+
+
+def is_norm(mod: nn.Module) -> bool:
+    """A normalisation layer with a per-channel gamma: torch's (BatchNorm, InstanceNorm,
+    LayerNorm, GroupNorm, RMSNorm) or a library's own ``...Norm`` class (T5LayerNorm,
+    LlamaRMSNorm, ...) holding a ``weight`` parameter directly."""
+    w = mod._parameters.get("weight") if hasattr(mod, "_parameters") else None
+    if w is None and not parametrize.is_parametrized(mod, "weight"):
+        return False
+    return isinstance(mod, NORM_TYPES) or "Norm" in type(mod).__name__
 
 
 def _leaf(mod: nn.Module, attr: str) -> Optional[torch.Tensor]:
@@ -38,7 +49,7 @@ def _leaf(mod: nn.Module, attr: str) -> Optional[torch.Tensor]:
 
 def _covers(mod: nn.Module) -> list:
     """Other parameters a mask of ``mod``'s weight truncates: a normalisation's beta."""
-    if not isinstance(mod, NORM_TYPES):
+    if not is_norm(mod):
         return []
     w, b = _leaf(mod, "weight"), _leaf(mod, "bias")
     if b is None or w is None or b.shape != w.shape or not b.requires_grad:
@@ -73,6 +84,18 @@ def _bn_reps(model: nn.Module) -> list:
     return reps
 
 
+def _norm_reps(model: nn.Module) -> list:
+    """Every norm layer's gamma (its beta covered by the same mask)."""
+    reps = []
+    for name, mod in model.named_modules():
+        if is_norm(mod):
+            reps.append(_weight_rep(mod, f"{name}.weight" if name else "weight"))
+    if not reps:
+        raise ValueError(f"layers='norm' found no norm layer with a gamma in {type(model).__name__}; "
+                         "pass layers='qk', a callable or a list of tensors")
+    return reps
+
+
 def _param_names(model: Optional[nn.Module]) -> dict:
     if model is None:
         return {}
@@ -84,7 +107,7 @@ def _weight_owners(model: Optional[nn.Module]) -> dict:
     if model is None:
         return {}
     return {id(_leaf(m, "weight")): m for m in model.modules()
-            if isinstance(m, NORM_TYPES) and _leaf(m, "weight") is not None}
+            if is_norm(m) and _leaf(m, "weight") is not None}
 
 
 def _as_reps(items, model: Optional[nn.Module]) -> list:
@@ -123,10 +146,13 @@ def select(model: Optional[nn.Module], layers: LayersSpec) -> list:
             raise ValueError(f"layers={layers!r} needs a model")
         if layers == "bn":
             reps = _bn_reps(model)
+        elif layers == "norm":
+            reps = _norm_reps(model)
         elif layers == "qk":
             reps = qk_reps(model)
         else:
-            raise ValueError(f"layers must be 'bn', 'qk', a callable or a list of tensors; got {layers!r}")
+            raise ValueError(f"layers must be 'bn', 'norm', 'qk', a callable or a list of tensors; "
+                             f"got {layers!r}")
     elif callable(layers):
         reps = _as_reps(list(layers(model)), model)
     else:

@@ -31,6 +31,7 @@ from .decision import MODES, Trace, check_delta, check_stop, decide, summarize
 from .layers import select
 from .step_counter import UpdatedSteps
 from .truncation import WHERE, GradTruncation, is_number
+from .ticket import Ticket, from_reps
 from .truncation import check_r as _check_r
 from .window import SCORED_DTYPES, MaskWindow
 
@@ -81,12 +82,14 @@ class EarlyBird:
     """Early-Bird ticket search; ``mode="worm"`` adds WORM's gradient truncation.
 
     Args:
-        model: the network (needed for ``layers="bn"``/``"qk"``; may be None with a list).
+        model: the network (needed for ``layers="bn"``/``"norm"``/``"qk"``; may be None
+            with a list; its parameter names name the ticket's masks).
         optimizer: a :class:`worm.WormSGD` (truncation fused into its step), any other
             ``torch.optim.Optimizer`` (truncation by a step pre-hook), or None for
             ``mode="eb"``.
         mode: ``"worm"``, ``"eb"`` (never truncate) or ``"truncate"`` (from the first step).
-        layers: ``"bn"``, ``"qk"``, a callable ``model -> tensors`` or a list of tensors.
+        layers: ``"bn"``, ``"norm"`` (every norm layer's gamma: LayerNorm, GroupNorm, ...),
+            ``"qk"``, a callable ``model -> tensors`` or a list of tensors.
         prune_ratio, window, stop, delta, r, scope: docs/method.md's p, l, s, delta, r, scope.
         every: sample automatically every ``every`` optimizer steps that updated the
             weights (a step post-hook; GradScaler's skipped steps do not count); None:
@@ -138,6 +141,8 @@ class EarlyBird:
         self.l1 = l1
         self.scope, self.every, self.truncate_at = scope, every, truncate_at
         self.model, self.optimizer = model, optimizer
+        self._layers_spec = layers if isinstance(layers, str) else \
+            ("callable" if callable(layers) else "list")
 
         self.reps = select(model, layers)
         for rep in self.reps:
@@ -299,16 +304,25 @@ class EarlyBird:
 
     # ---------------------------------------------------------------- results
     @property
-    def mask(self) -> Optional[dict]:
-        """The newest sampled mask, ``{param: bool keep mask}`` (None before the first)."""
-        return None if self._window.count == 0 else self._window.masks()
+    def mask(self) -> Optional[Ticket]:
+        """The newest sampled mask as a :class:`worm.Ticket` ``{parameter name: bool keep}``
+        with its provenance (None before the first sample)."""
+        if self._window.count == 0:
+            return None
+        rec = self.history[-1] if self.history else None
+        spec = self._layers_spec
+        return from_reps(self._window.masks(), self.reps, self.model,
+                         kind="channels" if spec in ("bn", "norm") else None,
+                         prune_ratio=self.prune_ratio, scope=self.scope, layers=spec,
+                         found=self.found, **{k: getattr(rec, k, None) for k in
+                                              ("index", "epoch", "step", "d_max", "d_avg")})
 
     @property
-    def ticket(self) -> Optional[dict]:
-        """The ticket (the newest mask) once found, else None.
+    def ticket(self) -> Optional[Ticket]:
+        """The ticket (the newest mask, a :class:`worm.Ticket`) once found, else None.
 
         On an FSDP2-sharded set the masks are DTensors placed like their parameters;
-        ``worm.distributed.full_masks(search.ticket)`` gathers full tensors.
+        ``search.ticket.full()`` (or ``worm.distributed.full_masks``) gathers them.
         """
         return self.mask if self.found else None
 

@@ -61,7 +61,7 @@ class GradSpy(transformers.TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
         s = self.worm_cb.search
-        self._keep = s.mask if (s is not None and s.truncating) else None
+        self._keep = s.mask.bind(s.model) if (s is not None and s.truncating) else None
         self._raw = {p: p.grad.detach().clone() for p in (s.params if s else [])}
 
     def _at_step(self, optimizer, a, k):
@@ -94,10 +94,10 @@ def test_callback_truncates_trainers_optimizer_finds_and_applies_ticket(tmp_path
     assert logged[-1]["worm/found"] and all(e["worm/truncating"] for e in logged[:-1])
 
     ticket = cb.ticket
-    assert set(map(id, ticket)) == {id(p) for p in cb.search.params}
+    assert isinstance(ticket, worm.Ticket) and set(ticket) == {rep.name for rep in cb.search.reps}
     pruned = sum(int((~k).sum()) for k in ticket.values())
     assert pruned == sum(k.numel() for k in ticket.values()) // 2
-    for p, keep in ticket.items():
+    for p, keep in ticket.bind(model).items():
         assert (p.detach()[~keep] == 0).all()           # still exactly zero after more steps
         assert (p.detach()[keep] != 0).all()
     # The value weights kept training: not frozen, not zeroed.
@@ -112,7 +112,7 @@ def test_callback_per_epoch_stops_at_ticket_without_retraining(tmp_path):
     trainer.train()
     assert cb.found_at is not None and cb.found_at["sample"] == 2
     assert trainer.state.epoch == pytest.approx(2.0)    # stopped right at the ticket
-    for p, keep in cb.ticket.items():
+    for p, keep in cb.ticket.bind(model).items():
         assert (p.detach()[~keep] == 0).all()
 
 

@@ -111,7 +111,7 @@ def test_stop_auto_takes_delta_auto():
 
 @pytest.mark.parametrize("argv, says", [
     (["--stop", "auto", "--delta", "0.05"], "--stop auto has no s: use --delta auto"),
-    (["--stop", "1"], "--stop: 1 is outside (0, 1)"),
+    (["--stop", "1.5"], "--stop: 1.5 is outside (0, 1]"),
     (["--stop", "Auto"], "is not a number"),
     (["--delta", "automatic"], "is not a number"),
 ])

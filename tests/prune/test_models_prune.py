@@ -295,13 +295,15 @@ def test_untraceable_inputs_are_named():
 def test_bad_tickets_are_rejected():
     model, other = build("cnn", 1), build("cnn", 1)
     bn = model.features[1]
-    with pytest.raises(ValueError, match="not the weight or bias of a BatchNorm in"):
+    with pytest.raises(ValueError, match="not a parameter of this PlainCNN.*worm.Ticket"):
         prune_channels(model, {other.features[1].weight: torch.ones(16, dtype=torch.bool)})
-    with pytest.raises(ValueError, match="not the weight or bias"):
+    with pytest.raises(ValueError, match="features.0.weight .* not a BatchNorm's gamma.*apply_masks"):
+        prune_channels(model, {model.features[0].weight: torch.ones_like(model.features[0].weight, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"'features.0.weight' has shape \(16, 1, 3, 3\)"):
         prune_channels(model, {model.features[0].weight: torch.ones(16, dtype=torch.bool)})
     with pytest.raises(TypeError, match="bool"):
         prune_channels(model, {bn.weight: torch.ones(16)})
-    with pytest.raises(ValueError, match=r"shape \(15,\)"):
+    with pytest.raises(ValueError, match=r"'features.1.weight' has shape \(16,\) .* mask is \(15,\)"):
         prune_channels(model, {bn.weight: torch.ones(15, dtype=torch.bool)})
     keep = torch.ones(16, dtype=torch.bool)
     with pytest.raises(ValueError, match="differ"):

@@ -218,8 +218,8 @@ def _search(**kw):
 
 
 @pytest.mark.parametrize("kw, err, says", [
-    (dict(stop=0), ValueError, "in (0, 1)"), (dict(stop=1), ValueError, "in (0, 1)"),
-    (dict(stop=1.5), ValueError, "in (0, 1)"), (dict(stop=float("nan")), ValueError, "in (0, 1)"),
+    (dict(stop=0), ValueError, "in (0, 1]"), (dict(stop=1.0000001), ValueError, "in (0, 1]"),
+    (dict(stop=1.5), ValueError, "in (0, 1]"), (dict(stop=float("nan")), ValueError, "in (0, 1]"),
     (dict(stop="Auto"), ValueError, "'auto'"), (dict(stop=True), TypeError, "stop"),
     (dict(stop="0.1"), ValueError, "'auto'"),
     (dict(delta=-0.01), ValueError, ">= 0"), (dict(delta=float("inf")), ValueError, ">= 0"),

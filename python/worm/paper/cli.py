@@ -92,7 +92,7 @@ def _add_common(p: argparse.ArgumentParser, text: bool) -> None:
     g.add_argument("--prune-ratio", type=_number(float, 0, 1, hi_open=True), default=0.5)
     g.add_argument("--window", type=_number(int, 2, what="distances need an older mask"), default=None,
                    help="5 for CNNs, 3 for text")
-    g.add_argument("--stop", type=_or_auto(_number(float, 0, 1, lo_open=True, hi_open=True)), default=None,
+    g.add_argument("--stop", type=_or_auto(_number(float, 0, 1, lo_open=True, hi_open=False)), default=None,
                    help="s: 0.1 for CNNs, 0.01 for text; auto: no threshold (docs/method.md)")
     g.add_argument("--delta", type=_or_auto(_NONNEG_FLOAT), default=None,
                    help="0.05 for CNNs, 0.005 for text; auto: truncate at d_avg's elbow "
