@@ -24,6 +24,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # every raw value a table column is computed from must be in the record
 RAW_KEYS = {"search_epochs", "pre_prune_acc", "pruned_acc", "retrain1_acc", "restore_epochs",
             "found", "params_before", "params_after", "time_s", "d_max", "d_avg", "seed", "method"}
+CONTROL_KEYS = {"pre_prune_acc", "pruned_acc", "pruned_recal_acc", "retrain1_acc", "final_acc",
+                "params_before", "params_after", "layers", "warnings", "seed", "method"}
+METHODS = ["EB Train", "WORM", "dense (no pruning)", "random ticket", "uniform ticket"]
 
 
 @pytest.fixture(autouse=True)
@@ -37,18 +40,22 @@ def _table_lines(text):
     return [ln for ln in text.splitlines() if ln.startswith("|")]
 
 
-def _check_outputs(out, methods, n_runs):
+def _check_outputs(out, methods, n_runs, columns=True):
     rec = json.loads((out / "record.json").read_text())
     assert len(rec["runs"]) == n_runs
     assert {r["method"] for r in rec["runs"]} == set(methods)
     for r in rec["runs"]:
+        assert r["time_s"] > 0 and 0.0 <= r["pre_prune_acc"] <= 1.0 and 0.0 <= r["retrain1_acc"] <= 1.0
+        if r.get("protocol") == "dense":     # the dense control: nothing searched, nothing pruned
+            continue
+        assert CONTROL_KEYS <= set(r), CONTROL_KEYS - set(r)
+        assert 0.0 <= r["pruned_acc"] <= 1.0
+        assert 0 < r["params_after"] < r["params_before"]
+        if r["method"] in ("random ticket", "uniform ticket"):
+            continue
         assert RAW_KEYS <= set(r), RAW_KEYS - set(r)
         assert 1 <= r["search_epochs"] <= 3
         assert len(r["d_max"]) == r["search_epochs"]
-        for k in ("pre_prune_acc", "pruned_acc", "retrain1_acc"):
-            assert 0.0 <= r[k] <= 1.0
-        assert 0 < r["params_after"] < r["params_before"]
-        assert r["time_s"] > 0
     assert rec["config"]["window"] == 2 and rec["config"]["max_epochs"] == 3
 
     with open(out / "runs.csv", newline="") as f:
@@ -66,8 +73,9 @@ def _check_outputs(out, methods, n_runs):
     lines = _table_lines(table)
     assert len(lines) == 2 + len(methods)
     assert all(ln.count("|") == lines[0].count("|") for ln in lines)  # rows line up
-    for _, header, _ in COLUMNS:
-        assert header in lines[0], header
+    for key, header, _ in COLUMNS:   # sweep-r has no dense control, so no overhead ratio
+        if columns or key != "epoch_time_vs_plain":
+            assert header in lines[0], header
     return rec, table
 
 
@@ -77,24 +85,31 @@ def test_compare_end_to_end(tmp_path, capsys):
     assert cli.main(["compare", *TINY, "--out", str(out)]) == 0
     elapsed = time.perf_counter() - t0
     printed = capsys.readouterr().out
-    rec, table = _check_outputs(out, ["EB Train", "WORM"], 2)
+    rec, table = _check_outputs(out, METHODS, 5)
     assert table.strip() in printed
-    assert "| EB Train |" in printed and "| WORM |" in printed
-    assert [r["mode"] for r in rec["runs"]] == ["eb", "worm"]
+    for m in METHODS:
+        assert f"| {m} |" in printed
+    assert [r["method"] for r in rec["runs"]] == METHODS
     # EB's slimming recipe by default, no floor; both recorded, with what pruning did
     assert rec["config"]["l1"] == 1e-4 and rec["config"]["max_pruning_ratio"] is None
-    for r in rec["runs"]:
+    eb, wo, dense, rnd, uni = rec["runs"]
+    for r in (eb, wo):
         assert r["l1"] == 1e-4 and 0 <= r["ticket_departure"] < 1
         assert r["latency_ratio_b1"] > 0 and r["latency_ratio_b32"] > 0
         assert 0 < r["flops_after"] < r["flops_before"]
-    assert elapsed < 60, f"the tiny compare took {elapsed:.1f}s"
+        assert r["epoch_time_vs_plain"] > 0 and r["sampling_ms"] > 0     # the overhead columns
+    assert dense["epoch_time_vs_plain"] == 1.0 and dense["total_epochs"] == eb["search_epochs"] + 1
+    # the random ticket keeps EB's per-layer widths; every variant retrained the same budget
+    assert [x["ticket_kept"] for x in rnd["layers"]] == [x["ticket_kept"] for x in eb["layers"]]
+    assert len({len(r["retrain_accs"]) for r in rec["runs"]}) == 1
+    assert elapsed < 120, f"the tiny compare took {elapsed:.1f}s"
 
 
 def test_sweep_r_end_to_end(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert cli.main(["sweep-r", *TINY, "--rs", "1", "0.01", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    rec, _ = _check_outputs(out, ["r = 1", "r = 0.01"], 2)
+    rec, _ = _check_outputs(out, ["r = 1", "r = 0.01"], 2, columns=False)
     assert "| r = 1 |" in printed and "| r = 0.01 |" in printed
     assert [r["r"] for r in rec["runs"]] == [1.0, 0.01]
     assert all(r["mode"] == "truncate" for r in rec["runs"])

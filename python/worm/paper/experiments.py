@@ -235,7 +235,7 @@ def prune_and_retrain(cfg, seed, model, ticket, train, test, info, label, base) 
     row["retrain_epoch_s"] = statistics.fmean(times) if times else None
     row["time_s"] = base.get("search_time_s", 0.0) + time.perf_counter() - t0
     row["total_epochs"] = base.get("search_epochs", 0) + len(accs)
-    if cfg.latency and cfg.prune == "channels" and label in METHODS.values():
+    if cfg.latency and cfg.prune == "channels" and label not in CONTROL_LABELS.values():
         rep = prune_report(model, small, example, threads=1)
         row.update(latency_ms=rep["latency_ms"], latency_ratio_b1=rep["latency_ratio"][1],
                    latency_ratio_b32=rep["latency_ratio"][32])
