@@ -160,10 +160,29 @@ def test_defaults_match_the_paper():
     cfg = cli._cnn_config(a)
     assert (cfg.stop, cfg.delta, cfg.window, cfg.prune_ratio, cfg.r) == (0.1, 0.05, 5, 0.5, 3e-3)
     assert (cfg.lr, cfg.momentum) == (0.01, 0.9)
-    # the demo defaults: digits, the tiny CNN at width 2, batch 32
+    # the generic defaults (a dataset or model named): digits, the tiny CNN at width 2, batch 32
     assert (cfg.dataset, cfg.model, cfg.width, cfg.batch_size) == ("digits", "cnn", 2.0, 32)
-    assert (cfg.max_epochs, cfg.retrain_epochs, cfg.seeds) == (30, 3, (0, 1, 2))
+    assert (cfg.max_epochs, cfg.retrain_epochs, cfg.seeds) == (30, 5, (0, 1, 2))
     assert (cfg.l1, cfg.max_pruning_ratio) == (1e-4, None)   # EB's slimming; floor off
     # the width default is the tiny CNN's only: ResNet-18 stays at full width
     assert cli._cnn_config(cli._parser().parse_args(["compare", "--model", "resnet18"])).width == 1.0
     assert cli._cnn_config(cli._parser().parse_args(["compare", "--width", "0.5"])).width == 0.5
+
+
+def test_the_default_task_and_its_fallback(monkeypatch, capsys):
+    """Neither --dataset nor --model: the default task, each flag given replacing its value
+    only; without Fashion-MNIST, the digits task with a note (not an error)."""
+    ap = cli._parser()
+    a = ap.parse_args(["compare", "--retrain-epochs", "2"])
+    cli._check_cnn_flags(ap.commands["compare"], a)
+    cfg = cli._cnn_config(a)
+    want = dict(cli.DEFAULT_TASK, retrain_epochs=2)
+    assert {k: getattr(cfg, k) for k in want} == want
+    a = ap.parse_args(["compare", "--dataset", "fashion-mnist"])   # a named dataset: generic defaults
+    cli._check_cnn_flags(ap.commands["compare"], a)
+    assert (cli._cnn_config(a).model, cli._cnn_config(a).train_subset) == ("cnn", None)
+    monkeypatch.setenv("WORM_FASHION_MNIST_DIR", "/no/such/folder")
+    a = ap.parse_args(["compare"])
+    cli._check_cnn_flags(ap.commands["compare"], a)
+    assert (a.dataset, a.model, a.train_subset) == ("digits", "cnn", None)
+    assert "running the small CNN on digits instead" in capsys.readouterr().err

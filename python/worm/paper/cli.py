@@ -55,21 +55,30 @@ _NONNEG_FLOAT = _number(float, 0)
 
 # Paper defaults: CNN s 0.1, delta 0.05, window 5; BERT s 0.01, delta 0.005, window 3.
 CNN_DEFAULTS = {"stop": 0.1, "delta": 0.05, "window": 5, "l1": 1e-4}
-# The default task (digits, small CNN): see CNNConfig and the README's "Results".
-CNN_RUN_DEFAULTS = {"max_epochs": 30, "retrain_epochs": 3, "lr": 0.01}
+CNN_RUN_DEFAULTS = {"max_epochs": 30, "retrain_epochs": 5, "lr": 0.01}
+# `worm compare` with neither --dataset nor --model: the smallest task found where the
+# search runs on after the window fills (distances fall, WORM truncates, its ticket
+# comes earlier) and 3 seeds with the controls finish in minutes on a 2-core CPU
+# (README, "Results"). Any of these flags given replaces its value only.
+DEFAULT_TASK = {"dataset": "fashion-mnist", "model": "vgg11_bn", "width": 0.25, "train_subset": 1000,
+                "test_subset": 1000, "batch_size": 64, "max_epochs": 15, "retrain_epochs": 5}
 PROTOCOLS = ("channels", "weights")
 TEXT_DEFAULTS = {"stop": 0.01, "delta": 0.005, "window": 3}
 
 
 def _add_common(p: argparse.ArgumentParser, text: bool) -> None:
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default=None, help="digits | fashion-mnist | cifar10 (default: digits)")
+    g.add_argument("--dataset", default=None,
+                   help="digits | fashion-mnist | cifar10. With neither --dataset nor --model, the "
+                        "default task: vgg11_bn at width 0.25 on 1000 Fashion-MNIST training and "
+                        "1000 test images, batch 64, 15 search and 5 retraining epochs (digits with "
+                        "the small cnn when Fashion-MNIST is not installed)")
     g.add_argument("--data-root", default=None, help="folder of the dataset (cifar10: torchvision layout)")
     g.add_argument("--model", default=None,
                    help="cnn | resnet18 | vgg11_bn (built in, 32x32), or a torchvision model name "
                         "built with random weights: mobilenet_v3_small, efficientnet_b0, "
                         "regnet_x_400mf, densenet121; torchvision.NAME picks torchvision even for "
-                        "resnet18 (default: cnn)")
+                        "resnet18 (default: cnn, or the default task's; see --dataset)")
     g.add_argument("--width", type=_POS_FLOAT, default=None,
                    help="channel width multiplier (default 2.0 for cnn, 1.0 otherwise)")
     g.add_argument("--train-subset", type=_POS_INT, default=None, help="use N training images (seeded, stratified)")
@@ -216,12 +225,20 @@ def _check_cnn_flags(ap, a) -> None:
             ap.error(f"{', '.join(cnn_only)} {'apply' if len(cnn_only) > 1 else 'applies'} to CNN "
                      "runs, not --task (the text study uses MiniLM)")
         return
+    from .data import DATASETS, DatasetNotFound, check_available
+    if a.dataset is None and a.model is None:
+        try:
+            check_available(DEFAULT_TASK["dataset"], a.data_root)
+            for key, value in DEFAULT_TASK.items():
+                if getattr(a, key, None) is None:
+                    setattr(a, key, value)
+        except DatasetNotFound:
+            print("worm: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist), so "
+                  "the default task cannot run; running the small CNN on digits instead", file=sys.stderr)
     a.dataset = a.dataset or "digits"
     a.model = a.model or "cnn"
-    from .data import DATASETS
     if a.dataset not in DATASETS:
         ap.error(f"--dataset {a.dataset}: unknown; choose one of {', '.join(DATASETS)}")
-    from .data import DatasetNotFound, check_available
     try:
         check_available(a.dataset, a.data_root)
     except DatasetNotFound as e:

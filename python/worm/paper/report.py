@@ -23,7 +23,7 @@ COLUMNS = [  # (key, header, kind)
     ("latency_ratio_b32", "CPU latency pruned/dense, batch 32", "pct"),
     ("ticket_departure", "channels departing from ticket", "pct"),
     ("epoch_time_vs_plain", "epoch time / plain training", "num"),
-    ("sampling_ms", "sampling ms/step", "num"),
+    ("sampling_ms", "sampling ms/step (median)", "num"),
     ("time_s", "wall time (s)", "num"),
 ]
 
