@@ -40,6 +40,7 @@ import torch
 
 from . import ops
 from . import reference as _ref
+from .rep import Entries
 from .window import MaskWindow, check_length
 
 __all__ = ["is_dtensor", "local", "local_numel", "sharded_window", "ShardedMaskWindow", "full_masks",
@@ -186,7 +187,7 @@ def bytes_per_sample(numels: Sequence[int], scope: str, window: int) -> int:
 
 
 # --------------------------------------------------------- sharded rep views
-class _LocalRep:
+class _LocalRep(Entries):
     """Where one representative tensor's local entries sit in its local shard."""
 
     def __init__(self, rep, shard_rows: tuple):
@@ -214,21 +215,11 @@ class _LocalRep:
         self.shape = tuple(self.values().shape)
         self.numel = math.prod(self.shape)
 
-    def values(self) -> torch.Tensor:
-        v = local(self.rep.param).detach()
-        return v if self.local_index is None else v[self.local_index]
+    def _source(self) -> torch.Tensor:
+        return local(self.rep.param)
 
-    def contiguous_values(self) -> torch.Tensor:
-        v = self.values()
-        return v if v.is_contiguous() else v.contiguous()
-
-    def full_local_mask(self, keep: torch.Tensor, base: Optional[torch.Tensor]) -> torch.Tensor:
-        """``keep`` placed in a local-shard-shaped bool mask (True outside the slice)."""
-        if self.local_index is None:
-            return keep
-        out = base if base is not None else torch.ones_like(local(self.rep.param), dtype=torch.bool)
-        out[self.local_index] = keep
-        return out
+    def _slice(self) -> Optional[tuple]:
+        return self.local_index
 
 
 def _shard_layout(p) -> tuple:
@@ -339,7 +330,7 @@ class ShardedMaskWindow(MaskWindow):
         out: dict = {}
         for i, lr in enumerate(self.local):
             keep = _ref.unpack(self.segment(row, i).contiguous(), [lr.shape])[0]
-            out[lr.rep.param] = lr.full_local_mask(keep, out.get(lr.rep.param))
+            out[lr.rep.param] = lr.full_mask(keep, out.get(lr.rep.param))
         return out
 
     def masks(self, row: Optional[int] = None) -> dict:
