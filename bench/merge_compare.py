@@ -38,6 +38,36 @@ def _machine() -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
+SHORT = [("search_epochs", "search epochs", "num"), ("truncation_epoch", "truncation on at", "num"),
+         ("pre_prune_acc", "pre-prune", "pct"), ("pruned_acc", "after pruning", "pct"),
+         ("pruned_recal_acc", "+ BN recal", "pct"), ("retrain1_acc", "1 retrain epoch", "pct"),
+         ("final_acc", "all retraining", "pct"), ("params_kept", "params kept", "pct"),
+         ("flops_kept", "MACs kept", "pct"), ("epoch_time_vs_plain", "epoch time / plain", "num")]
+
+
+def short_table(result: dict) -> str:
+    """The columns the README's "Results" quotes, mean ± sd over seeds (one decimal)."""
+    from worm.paper.report import _value
+    import statistics
+    methods = list(dict.fromkeys(r["method"] for r in result["runs"]))
+    lines = ["| method | seeds | " + " | ".join(h for _, h, _ in SHORT) + " |",
+             "|" + "---|" * (len(SHORT) + 2)]
+    for m in methods:
+        runs = [r for r in result["runs"] if r["method"] == m]
+        cells = []
+        for key, _, kind in SHORT:
+            vals = [v for v in (_value(r, key) for r in runs) if v is not None]
+            if not vals:
+                cells.append("")
+                continue
+            k = 100 if kind == "pct" else 1
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{k * statistics.fmean(vals):.1f} ± {k * sd:.1f}" if kind == "pct"
+                         else f"{statistics.fmean(vals):.2f} ± {sd:.2f}")
+        lines.append(f"| {m} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
@@ -71,7 +101,7 @@ def main(argv=None) -> int:
     text = (f"# worm compare: {config['model']} (width {config['width']}) on {config['dataset']}, "
             f"seeds {seeds}\n\n{m['device']}; torch {m['torch']}, Python {m['python']}; {m['date']}.\n"
             f"Config: {json.dumps({k: v for k, v in config.items() if k not in ('extra', 'progress')})}\n\n"
-            + format_table(result) + "\n")
+            + short_table(result) + "\n\nAll columns:\n\n" + format_table(result) + "\n")
     if warnings:
         text += "\nWarnings:\n" + "".join(f"- {w}\n" for w in warnings)
     if times:
