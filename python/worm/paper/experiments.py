@@ -182,6 +182,7 @@ def search_one(cfg: CNNConfig, seed: int, mode: str, init_state: dict, train, te
         "pre_prune_acc": pre_acc, "pre_prune_recal_acc": pre_recal,
         "l1": cfg.l1, "max_pruning_ratio": cfg.max_pruning_ratio,
         "search_time_s": sum(epoch_times), "epoch_time_s": statistics.fmean(epoch_times),
+        "epoch_times_s": epoch_times,
         # the median: a process's first sampling step also pays one-time set-up
         "sampling_ms": 1000 * statistics.median(h.seconds for h in hist),
         "d_max": [h.d_max for h in hist], "d_avg": [h.d_avg for h in hist], "train_loss": losses,
@@ -268,7 +269,7 @@ def control_rows(cfg, seed, model, ticket, base, train, test, info) -> list:
     accs, times = retrain(cfg, seed, dense, train, test, CONTROL_LABELS["dense"])
     row = dict(common, method=CONTROL_LABELS["dense"], protocol="dense",
                **_retrained_fields(cfg, base["pre_prune_acc"], None, None, accs))
-    row.update(pruned_acc=None, epoch_time_s=statistics.fmean(times) if times else None,
+    row.update(pruned_acc=None, epoch_time_s=statistics.fmean(times) if times else None, epoch_times_s=times,
                retrain_epoch_s=statistics.fmean(times) if times else None,
                time_s=base["search_time_s"] + time.perf_counter() - t0,
                total_epochs=base["search_epochs"] + len(accs))
