@@ -136,6 +136,8 @@ def plot_distances(result: dict, path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     colors, notes, labelled = {}, [], set()
     for r in result["runs"]:
+        if "d_max" not in r and not r.get("history"):
+            continue   # a control: nothing was searched for it
         c = colors.setdefault(r["method"], f"C{len(colors)}")
         # CNN records keep d_max/d_avg lists; text records keep the search history
         series = {k: r[k] if k in r else [h.get(k) for h in r.get("history", [])]
