@@ -159,3 +159,18 @@ def test_recalibration_off_and_weights_protocol_in_compare():
 def test_bad_protocol_is_refused_at_build():
     with pytest.raises(ValueError, match="prune must be one of"):
         ex.CNNConfig(prune="filters")
+
+
+def test_distance_plot_leaves_the_controls_out(tmp_path, monkeypatch):
+    import matplotlib.axes
+    from worm.paper.report import plot_distances
+    labels = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: labels.append(k.get("label")) or real(self, *a, **k))
+    run = {"seed": 0, "method": "EB Train", "d_max": [None, 0.2, 0.05], "d_avg": [None, 0.2, 0.05],
+           "truncation_epoch": None, "found": True}
+    dense = {"seed": 0, "method": "dense (no pruning)", "protocol": "dense", "retrain_accs": [0.5]}
+    plot_distances({"config": {"window": 2, "stop": 0.1, "delta": 0.05}, "runs": [run, dense]},
+                   tmp_path / "d.png")
+    assert "EB Train" in labels and "dense (no pruning)" not in labels
