@@ -40,6 +40,7 @@ import torch
 
 from . import ops
 from . import reference as _ref
+from .packing import bit_weights
 from .rep import Entries
 from .window import MaskWindow, check_length
 
@@ -269,9 +270,6 @@ class ShardedMaskWindow(MaskWindow):
 
     def __init__(self, reps, length: int):
         self.length = check_length(length)
-        if self.length > ops.MAX_WINDOW:  # one mask-update call covers the whole window here
-            raise ValueError(f"a sharded search's window must be at most {ops.MAX_WINDOW}, "
-                             f"got {length!r}")
         self.count = 0
         self.reps = list(reps)
         layouts = [_shard_layout(r.param) for r in self.reps]
@@ -285,6 +283,10 @@ class ShardedMaskWindow(MaskWindow):
         self.local = [_LocalRep(r, rows) for r, (_, _, rows) in zip(self.reps, layouts)]
         self.offsets = _ref.byte_offsets([lr.numel for lr in self.local])
         self.device = local(self.reps[0].param).device
+        limit = ops.max_window(self.device)  # one mask-update call covers the whole window here
+        if limit is not None and self.length > limit:
+            raise ValueError(f"a sharded search's window must be at most {limit} on "
+                             f"{ops.backend(self.device)}, got {length!r}")
         self.params = list(dict.fromkeys(r.param for r in self.reps))  # unique, in order
         self.numels = [r.numel for r in self.reps]  # global entries per tensor
         self.numel = sum(self.numels)
@@ -405,13 +407,12 @@ def _pack_rows(mask: torch.Tensor, width: int) -> torch.Tensor:
     pad = _ref.packed_nbytes(width) * 8 - width
     if pad:
         flat = torch.cat([flat, flat.new_zeros(rows, pad)], dim=1)
-    w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    w = bit_weights(mask.device)
     return (flat.reshape(rows, _ref.packed_nbytes(width), 8) * w).sum(dim=2, dtype=torch.uint8)
 
 
 def _unpack_rows(packed: torch.Tensor, width: int) -> torch.Tensor:
-    w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(-1) & w) != 0
+    bits = (packed.unsqueeze(-1) & bit_weights(packed.device)) != 0
     return bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :width]
 
 
