@@ -217,7 +217,7 @@ class _LocalRep(Entries):
         self.numel = math.prod(self.shape)
 
     def _source(self) -> torch.Tensor:
-        return local(self.rep.param)
+        return local(self.rep._source())
 
     def _slice(self) -> Optional[tuple]:
         return self.local_index
@@ -292,6 +292,12 @@ class ShardedMaskWindow(MaskWindow):
         self.numel = sum(self.numels)
         self.ring = torch.zeros(self.length, self.offsets[-1], dtype=torch.uint8, device=self.device)
         self.bytes_reduced = 0  # running count of all-reduce payload bytes (for benchmarks)
+
+    def kept_count(self, row: Optional[int] = None) -> torch.Tensor:
+        """Entries the row keeps on every rank together (one small all-reduce)."""
+        n = super().kept_count(row)
+        _dist().all_reduce(n, op=_dist().ReduceOp.SUM, group=self.group)
+        return n
 
     # ---------------------------------------------------------------- sampling
     def push(self, ks, scope: str) -> torch.Tensor:

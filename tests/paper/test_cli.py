@@ -186,3 +186,13 @@ def test_the_default_task_and_its_fallback(monkeypatch, capsys):
     cli._check_cnn_flags(ap.commands["compare"], a)
     assert (a.dataset, a.model, a.train_subset) == ("digits", "cnn", None)
     assert "running the small CNN on digits instead" in capsys.readouterr().err
+
+
+def test_compare_stop_auto_end_to_end(tmp_path, capsys):
+    """--stop auto reaches the searches (delta auto with it) and the outputs are whole
+    (the plot has no s line to draw)."""
+    out = tmp_path / "auto"
+    assert cli.main(["compare", *TINY, "--stop", "auto", "--no-controls", "--out", str(out)]) == 0
+    capsys.readouterr()
+    rec, _ = _check_outputs(out, ["EB Train", "WORM"], 2)
+    assert (rec["config"]["stop"], rec["config"]["delta"]) == ("auto", "auto")
