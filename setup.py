@@ -21,7 +21,7 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
 CPU_SOURCES = ["csrc/register.cpp", "csrc/select_mask_cpu.cpp", "csrc/sample_cpu.cpp",
-               "csrc/optim_cpu.cpp"]
+               "csrc/optim_cpu.cpp", "csrc/shard_select_cpu.cpp"]
 CUDA_SOURCES = ["csrc/ops_cuda.cu"]
 
 
