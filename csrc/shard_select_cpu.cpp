@@ -101,27 +101,28 @@ at::Tensor key_histogram_cpu(at::TensorList tensors, at::IntArrayRef segment, at
   const int64_t per = std::max<int64_t>(1, kChunk / span) * span;
   const auto chunks = make_chunks(srcs, per);
   const int64_t threads = at::get_num_threads();
-  std::vector<int64_t> hist(threads * S * W, 0);
+  const int64_t W1 = W + 1;  // scratch rows: + the 'above' slot
+  std::vector<int64_t> hist(threads * S * W1, 0);
   auto work = [&](int64_t cb, int64_t ce) {
-    int64_t* h = hist.data() + at::get_thread_num() * S * W;
+    int64_t* h = hist.data() + at::get_thread_num() * S * W1;
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& ch = chunks[c];
       const Src& src = srcs[ch.src];
       const int64_t s = segment[ch.src];
-      int64_t* hs = h + s * W;
+      int64_t* hs = h + s * W1;
       const uint32_t l = L[s], u = H[s];
       const int sh = SH[s];
       dispatch4(src.dt, [&](auto dtc) {
         constexpr int DT = decltype(dtc)::value;
+        const uint32_t width = u > l ? u - l : 0;
         auto count = [&](int64_t i0, int64_t i1) {
-          int64_t below = 0, bad = 0;
+          // one slot per entry, picked without branches: in range, below, NaN/Inf, above
           for (int64_t i = i0; i < i1; ++i) {
             const uint32_t k = skey<DT>(src.p, i);
-            if (k >= kInfKey) ++bad;
-            else if (k < l) ++below;
-            else if (k < u) ++hs[(k - l) >> sh];
+            const uint32_t d = k - l;
+            const int64_t slot = k >= kInfKey ? bins + 1 : (d < width ? int64_t(d >> sh) : (k < l ? bins : bins + 2));
+            ++hs[slot];
           }
-          hs[bins] += below, hs[bins + 1] += bad;
         };
         if (stride == 1) return count(ch.begin, ch.end);
         for (int64_t base = ch.begin; base < ch.end; base += span) {
@@ -141,8 +142,14 @@ at::Tensor key_histogram_cpu(at::TensorList tensors, at::IntArrayRef segment, at
   auto out = at::zeros({S, W}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();
   for (int64_t t = 0; t < threads; ++t)
-    for (int64_t j = 0; j < S * W; ++j) o[j] += hist[t * S * W + j];
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t j = 0; j < W; ++j) o[s * W + j] += hist[(t * S + s) * W1 + j];
   return out;
+}
+
+// 8 bytes of 0/1 -> 8 bits, byte i to bit i.
+inline uint64_t bytes_to_bits(const uint8_t* b) {
+  return (load8(b) * 0x0102040810204080ull) >> 56;
 }
 
 struct Collected {
@@ -184,6 +191,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_split_cpu(
       const Chunk& ch = chunks[c];
       const Src& src = srcs[ch.src];
       const uint32_t l = L[ch.src], u = H[ch.src];
+      // signed copies for the vector compares (keys < 2^31; hi = 2^31 keeps nothing finite)
+      const int32_t sl = int32_t(std::min<uint32_t>(l, 0x7fffffffu));
+      const int32_t su = u >= 0x80000000u ? INT32_MAX : int32_t(u);
       Collected& mine = got[c];
       int64_t below = 0, inside = 0, bad = 0;
       dispatch4(src.dt, [&](auto dtc) {
@@ -191,12 +201,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_split_cpu(
         for (int64_t w0 = ch.begin; w0 < ch.end; w0 += 64) {
           const int64_t m = std::min<int64_t>(64, ch.end - w0);
           uint64_t keep = 0, in = 0;
-          for (int64_t e = 0; e < m; ++e) {
-            const uint32_t k = skey<DT>(src.p, w0 + e);
-            keep |= uint64_t(k >= u) << e;
-            in |= uint64_t((k >= l) & (k < u)) << e;
-            below += k < l;
-            bad += k >= kInfKey;
+          if (m == 64) {  // branch-free compares the compiler vectorizes, then 8 bytes -> bits
+            int32_t kk[64];
+            uint8_t ge[64], lt[64], nf[64];
+            for (int e = 0; e < 64; ++e) kk[e] = int32_t(skey<DT>(src.p, w0 + e));
+            for (int e = 0; e < 64; ++e) {
+              ge[e] = kk[e] >= su, lt[e] = kk[e] < sl, nf[e] = kk[e] >= int32_t(kInfKey);
+            }
+            uint64_t ltm = 0, nfm = 0;
+            for (int j = 0; j < 8; ++j) {
+              keep |= bytes_to_bits(ge + 8 * j) << (8 * j);
+              ltm |= bytes_to_bits(lt + 8 * j) << (8 * j);
+              nfm |= bytes_to_bits(nf + 8 * j) << (8 * j);
+            }
+            in = ~keep & ~ltm;
+            below += __builtin_popcountll(ltm);
+            bad += __builtin_popcountll(nfm);
+          } else {
+            for (int64_t e = 0; e < m; ++e) {
+              const uint32_t k = skey<DT>(src.p, w0 + e);
+              keep |= uint64_t(k >= u) << e;
+              in |= uint64_t((k >= l) & (k < u)) << e;
+              below += k < l;
+              bad += k >= kInfKey;
+            }
           }
           const int64_t byte = off[ch.src] + w0 / 8, nb = (m + 7) / 8;
           for (int64_t j = 0; j < rows; ++j) {
@@ -247,9 +275,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_split_cpu(
   return {out_counts, out_tally, keys, pos};
 }
 
+// The finish: entries collected by window_split_ (keys, bit positions; sizes[i] of them
+// from tensor i, in order) whose key is above thr[i] get their bit in the head row set;
+// returns int64 [l], by how much each row's XOR count moves (+1 where the row's bit is
+// 0, -1 where it is 1).
+at::Tensor window_fix_cpu(at::Tensor window, int64_t head, const at::Tensor& keys, const at::Tensor& pos,
+                          at::IntArrayRef sizes, at::IntArrayRef thr) {
+  TORCH_CHECK(window.scalar_type() == at::kByte && window.dim() == 2 && window.is_contiguous(),
+              "worm: window_fix_: window must be a contiguous uint8 [l, B]");
+  TORCH_CHECK(head >= 0 && head < window.size(0), "worm: window_fix_: head out of range");
+  TORCH_CHECK(keys.scalar_type() == at::kInt && pos.scalar_type() == at::kLong && keys.dim() == 1 &&
+                  pos.dim() == 1 && keys.numel() == pos.numel() && keys.is_contiguous() && pos.is_contiguous(),
+              "worm: window_fix_: keys int32 [m] and pos int64 [m]");
+  TORCH_CHECK(sizes.size() == thr.size(), "worm: window_fix_: one threshold per size");
+  const int64_t rows = window.size(0), B = window.size(1);
+  int64_t total = 0;
+  for (auto n : sizes) total += n;
+  TORCH_CHECK(total == keys.numel(), "worm: window_fix_: sizes do not add up to the entries");
+  auto corr = at::zeros({rows}, at::kLong);
+  int64_t* c = corr.data_ptr<int64_t>();
+  uint8_t* ring = window.data_ptr<uint8_t>();
+  const int32_t* k = keys.data_ptr<int32_t>();
+  const int64_t* p = pos.data_ptr<int64_t>();
+  int64_t q = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    for (int64_t e = 0; e < sizes[i]; ++e, ++q) {
+      if (int64_t(k[q]) <= thr[i]) continue;
+      const int64_t byte = p[q] >> 3;
+      TORCH_CHECK(byte >= 0 && byte < B, "worm: window_fix_: position outside the row");
+      const uint8_t bit = uint8_t(1u << (p[q] & 7));
+      for (int64_t j = 0; j < rows; ++j) c[j] += (ring[j * B + byte] & bit) ? -1 : 1;
+      ring[head * B + byte] |= bit;
+    }
+  }
+  return corr;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(worm_native, m) {
+  m.def("window_fix_(Tensor(a!) window, int head, Tensor keys, Tensor pos, int[] sizes, int[] thr) -> Tensor");
   m.def("key_histogram(Tensor[] tensors, int[] segment, int[] lo, int[] hi, int[] shift, int bins, "
         "int stride) -> Tensor");
   m.def("window_split_(Tensor[] tensors, int[] lo, int[] hi, Tensor(a!) window, int head, int cap) "
@@ -259,6 +324,7 @@ TORCH_LIBRARY_FRAGMENT(worm_native, m) {
 TORCH_LIBRARY_IMPL(worm_native, CPU, m) {
   m.impl("key_histogram", &key_histogram_cpu);
   m.impl("window_split_", &window_split_cpu);
+  m.impl("window_fix_", &window_fix_cpu);
 }
 
 }  // namespace worm

@@ -13,6 +13,8 @@ return; nothing here communicates. On CPU with the extension built they run in C
   counts the differing bits against every row, tallies the keys below / inside /
   NaN-Inf per tensor and returns the inside entries' keys and bit positions (at most
   ``cap`` of them).
+* :func:`window_fix_`: sets the head-row bits of collected entries above their
+  tensor's threshold key; returns how much each row's XOR count moves.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 
 from .packing import byte_offsets, pack, popcount
 
-__all__ = ["key_histogram", "window_split_", "RUN", "INF_KEY", "native"]
+__all__ = ["key_histogram", "window_split_", "window_fix_", "RUN", "INF_KEY", "native"]
 
 RUN = 4096                 # entries in one sampled run
 INF_KEY = 0x7F800000       # keys at or above: Inf/NaN
@@ -104,3 +106,20 @@ def window_split_(tensors, lo, hi, ring: torch.Tensor, head: int, cap: int):
     if keys.numel() > cap:
         keys, pos = keys[:cap], pos[:cap]
     return counts, tally, keys, pos
+
+
+def window_fix_(ring: torch.Tensor, head: int, keys, pos, sizes, thr) -> torch.Tensor:
+    """int64 [l] count corrections; ``sizes[i]`` collected entries of tensor i, in order."""
+    if ring.device.type == "cpu" and native([ring]):
+        return torch.ops.worm_native.window_fix_(ring, head, keys, pos, list(sizes), list(thr))
+    bound = torch.repeat_interleave(torch.tensor(list(thr), dtype=torch.int64),
+                                    torch.tensor(list(sizes), dtype=torch.int64)).to(keys.device)
+    up = pos[keys.long() > bound]
+    corr = torch.zeros(ring.shape[0], dtype=torch.int64, device=ring.device)
+    if up.numel():
+        byte, bit = up >> 3, up & 7
+        old = (ring.index_select(1, byte).long() >> bit) & 1
+        corr = (1 - 2 * old).sum(1)
+        ring[head].index_put_((byte,), torch.bitwise_left_shift(torch.ones_like(bit), bit).to(torch.uint8),
+                              accumulate=True)
+    return corr

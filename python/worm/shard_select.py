@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from .collective import Collective
-from .shard_ops import INF_KEY, key_histogram, window_split_
+from .shard_ops import key_histogram, window_fix_, window_split_
 
 __all__ = ["sample_sharded", "SAMPLE_MIN", "EXACT_CAP"]
 
@@ -146,18 +146,13 @@ class _Step:
 
         def local():
             counts, tally, keys, pos = window_split_(self.tensors, tlo, thi, ring, self.head, cap)
-            seg = self.segment_of(pos)
-            keys = keys.long()
-            base = torch.tensor(lo, dtype=torch.int64)[seg]
-            fh = torch.zeros(S * bins, dtype=torch.int64)
-            if keys.numel():
-                sh = torch.tensor(shift, dtype=torch.int64)[seg]
-                fh += torch.bincount(seg * bins + ((keys - base) >> sh), minlength=S * bins)
-            got.update(counts=counts.cpu(), keys=keys, pos=pos, seg=seg)
+            sizes = tally[1].tolist()
+            over = sum(sizes) > cap
+            got.update(keys=keys, pos=pos, sizes=sizes)
+            fh = self.collected_hist(got, lo, hi, shift) if not over else torch.zeros(S * bins, dtype=torch.int64)
             per = torch.zeros(2, S, dtype=torch.int64)
             per.index_add_(1, torch.tensor(self.seg_of), tally[:2].cpu())
-            over = torch.tensor([int(tally[1].sum()) > cap])
-            return torch.cat([per.reshape(-1), tally[2].cpu(), over.long(), counts.cpu(), fh])
+            return torch.cat([per.reshape(-1), tally[2].cpu(), torch.tensor([int(over)]), counts.cpu(), fh])
 
         l = ring.shape[0]
         out = self.reduce(2 * S + T + 1 + l + S * bins, local)
@@ -179,14 +174,12 @@ class _Step:
         raise ValueError(f"NaN or Inf in representative tensor(s) {', '.join(names)}: "
                          "a mask cannot be taken from non-finite weights")
 
-    def segment_of(self, pos: torch.Tensor) -> torch.Tensor:
-        if self.S == 1 or pos.numel() == 0:
-            return torch.zeros(pos.numel(), dtype=torch.int64)
-        if self.bit_offsets is None:
-            ends = torch.tensor([t.numel() for t in self.tensors], dtype=torch.int64)
-            self.bit_offsets = torch.cumsum((ends + 7) // 8 * 8, 0)
-        tensor = torch.searchsorted(self.bit_offsets, pos.cpu(), right=True)
-        return torch.tensor(self.seg_of, dtype=torch.int64)[tensor]
+    def collected_hist(self, got, lo, hi, shift) -> torch.Tensor:
+        """Histogram [S * bins] of the collected keys in [lo, hi) >> shift, per selection
+        (the keys are int32 bit patterns of non-negative fp32: key_histogram reads them)."""
+        keys = got["keys"].view(torch.float32).split(got["sizes"])
+        h = key_histogram(list(keys), self.seg_of, lo, hi, shift, self.bins, 1)
+        return h[:, :self.bins].reshape(-1).cpu()
 
     # --------------------------------------------------------------------- finish
     def finish(self, lo, hi, shift, known, below, fh, counts, got):
@@ -207,29 +200,15 @@ class _Step:
             if not pending:
                 break
             shift = [_shift_for(fhi[s] - flo[s], bins) for s in range(S)]
-            keys, seg = got["keys"], got["seg"]
-
-            def local():
-                fl, fu = torch.tensor(flo)[seg], torch.tensor(fhi)[seg]
-                sel = (keys >= fl) & (keys < fu)
-                sh = torch.tensor(shift, dtype=torch.int64)[seg[sel]]
-                return torch.bincount(seg[sel] * bins + ((keys[sel] - fl[sel]) >> sh), minlength=S * bins)
-
-            fh = self.reduce(S * bins, local).view(S, bins).tolist()
+            qlo, qhi = list(flo), list(fhi)
+            fh = self.reduce(S * bins, lambda: self.collected_hist(got, qlo, qhi, shift)).view(S, bins).tolist()
         return t, counts
 
     def fix(self, t) -> torch.Tensor:
         """Set the bits of collected entries above the threshold; the counts' corrections."""
-        ring, got = self.ring, self.got
-        thr = torch.tensor([x if x is not None else _TOP for x in t], dtype=torch.int64)[got["seg"]]
-        up = got["pos"][(got["keys"] > thr).to(got["pos"].device)]
-        corr = torch.zeros(ring.shape[0], dtype=torch.int64)
-        if up.numel():
-            byte, bit = up >> 3, (up & 7)
-            old = (ring[:, byte].long() >> bit) & 1           # [l, m]: rows' bits before
-            corr = (1 - 2 * old).sum(1).cpu()
-            ring[self.head].index_put_((byte,), torch.bitwise_left_shift(torch.ones_like(bit), bit).to(torch.uint8), accumulate=True)
-        return corr
+        got = self.got
+        thr = [t[s] if t[s] is not None and self.ks[s] else _TOP for s in self.seg_of]
+        return window_fix_(self.ring, self.head, got["keys"], got["pos"], got["sizes"], thr).cpu()
 
 
 def sample_sharded(tensors: Sequence[torch.Tensor], seg_of, ks, Ns, names, ring: torch.Tensor,
