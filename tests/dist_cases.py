@@ -376,8 +376,11 @@ def check_ranks_cannot_drift(rank, world):
     train(model, opt, s2, kind, 4, start=4, record=masks)
     assert history(s1) == history(s2) and all(torch.equal(a, b) for a, b in zip(k1, masks)), \
         "after a failed step the run differs from one process's"
-    w.count += rank == 0  # a rank out of step: refused on every rank, nothing sampled
-    _raises_everywhere(s2.step, wd.RankFailure, "disagree on the window count")
+    s3 = search_for(model, None, kind, "eb", "layer")
+    s3.step()
+    s3._window.count += rank == 0  # a rank out of step: refused on every rank, nothing sampled
+    _raises_everywhere(s3.step, wd.RankFailure, "disagree on the window count")
+    assert len(s3.history) == 1
 
 
 def check_stale_parameters(rank, world):

@@ -15,6 +15,7 @@ Supported placements: a mesh dimension with ``Shard(0)`` (FSDP2) plus any number
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
