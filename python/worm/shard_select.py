@@ -28,6 +28,8 @@ exactly, whatever the sample said.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
+from itertools import accumulate
 from typing import Callable, Sequence
 
 import torch
@@ -53,11 +55,9 @@ def _shift_for(width: int, bins: int) -> int:
 
 def _bin_of(row, rank: int, cum: int) -> tuple:
     """(bin holding the rank-th key, keys before that bin) of a histogram row, counts from cum."""
-    for b, c in enumerate(row):
-        if cum + c >= rank:
-            return b, cum
-        cum += c
-    return len(row) - 1, cum - row[-1]
+    acc = list(accumulate(row, initial=cum))      # acc[b] = keys before bin b
+    b = min(bisect_left(acc, rank, 1) - 1, len(row) - 1)  # first b with acc[b + 1] >= rank
+    return b, acc[b]
 
 
 class _Step:
