@@ -11,11 +11,42 @@ from typing import Optional
 
 import torch
 
-__all__ = ["RepTensor"]
+__all__ = ["RepTensor", "Entries"]
+
+
+class Entries:
+    """Entries ``_source()[_slice()]`` of a tensor (all of it when the slice is None):
+    the one place that reads them and places a mask of them back. :class:`RepTensor`
+    reads its parameter; a sharded window's local view (worm.distributed) its shard."""
+
+    def _source(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _slice(self) -> Optional[tuple]:
+        raise NotImplementedError
+
+    def values(self) -> torch.Tensor:
+        """The entries, detached; a view when the slice is None or row-contiguous."""
+        v = self._source().detach()
+        index = self._slice()
+        return v if index is None else v[index]
+
+    def contiguous_values(self) -> torch.Tensor:
+        v = self.values()
+        return v if v.is_contiguous() else v.contiguous()
+
+    def full_mask(self, keep: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``keep`` placed in a source-shaped bool mask (True outside the slice)."""
+        index = self._slice()
+        if index is None:
+            return keep
+        out = base if base is not None else torch.ones_like(self._source(), dtype=torch.bool)
+        out[index] = keep
+        return out
 
 
 @dataclass(eq=False)
-class RepTensor:
+class RepTensor(Entries):
     """Representative entries living in ``param`` (or in ``param[index]``)."""
 
     param: torch.Tensor
@@ -33,19 +64,8 @@ class RepTensor:
     def numel(self) -> int:
         return self.shape.numel()
 
-    def values(self) -> torch.Tensor:
-        """The entries, detached; a view when ``index`` is None or row-contiguous."""
-        v = self.param.detach()
-        return v if self.index is None else v[self.index]
+    def _source(self) -> torch.Tensor:
+        return self.param
 
-    def contiguous_values(self) -> torch.Tensor:
-        v = self.values()
-        return v if v.is_contiguous() else v.contiguous()
-
-    def full_mask(self, keep: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``keep`` placed in a param-shaped bool mask (True outside the slice)."""
-        if self.index is None:
-            return keep
-        out = base if base is not None else torch.ones_like(self.param, dtype=torch.bool)
-        out[self.index] = keep
-        return out
+    def _slice(self) -> Optional[tuple]:
+        return self.index

@@ -27,7 +27,8 @@ from . import distributed as _dist
 from . import reference as _ref
 from .decision import MODES, decide, summarize
 from .layers import select
-from .optim import GradTruncation, _check_r
+from .truncation import GradTruncation
+from .truncation import check_r as _check_r
 from .window import SCORED_DTYPES, MaskWindow
 
 __all__ = ["EarlyBird", "Record"]

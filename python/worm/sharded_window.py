@@ -24,6 +24,7 @@ from . import ops
 from .collective import Collective
 from .dtensor import is_dtensor, local, local_numel
 from .packing import byte_offsets, pack, unpack
+from .rep import Entries
 from .shard_select import sample_sharded
 from .window import MaskWindow, check_length
 from .window_state import check_rows, pack_rows, row_layout, rows_from_flat, unpack_rows
@@ -33,7 +34,7 @@ __all__ = ["ShardedMaskWindow", "sharded_window", "shard_layout", "layout_name"]
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 
 
-class _LocalRep:
+class _LocalRep(Entries):
     """Where one representative tensor's local entries sit in its local shard."""
 
     def __init__(self, rep, shard_rows: tuple):
@@ -61,23 +62,11 @@ class _LocalRep:
         self.shape = tuple(self.values().shape)
         self.numel = math.prod(self.shape)
 
-    def values(self) -> torch.Tensor:
-        v = local(self.rep.param).detach()
-        return v if self.local_index is None else v[self.local_index]
+    def _source(self) -> torch.Tensor:
+        return local(self.rep.param)
 
-    def contiguous_values(self) -> torch.Tensor:
-        v = self.values()
-        return v if v.is_contiguous() else v.contiguous()
-
-    def full_local_mask(self, keep: torch.Tensor, base: Optional[torch.Tensor]) -> torch.Tensor:
-        """``keep`` placed in a local-shard-shaped bool mask (True outside the slice)."""
-        if self.local_index is None:
-            return keep
-        out = base if base is not None else torch.ones_like(local(self.rep.param), dtype=torch.bool)
-        out[self.local_index] = keep
-        return out
-
-
+    def _slice(self) -> Optional[tuple]:
+        return self.local_index
 
 
 def shard_layout(p) -> tuple:
@@ -195,7 +184,7 @@ class ShardedMaskWindow(MaskWindow):
         out: dict = {}
         for i, lr in enumerate(self.local):
             keep = unpack(self.segment(row, i).contiguous(), [lr.shape])[0]
-            out[lr.rep.param] = lr.full_local_mask(keep, out.get(lr.rep.param))
+            out[lr.rep.param] = lr.full_mask(keep, out.get(lr.rep.param))
         return out
 
     def masks(self, row: Optional[int] = None) -> dict:

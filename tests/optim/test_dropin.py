@@ -314,7 +314,7 @@ def test_failed_search_step_changes_nothing(monkeypatch):
     s = worm.EarlyBird(None, opt, mode="truncate", layers=[x], window=3)
     s.step()
     sd = s.state_dict()
-    trunc = dict(opt._trunc.bits)
+    trunc = dict(opt._worm_truncation.bits)
     with torch.no_grad():
         x.mul_(-1.5)
 
@@ -326,8 +326,8 @@ def test_failed_search_step_changes_nothing(monkeypatch):
     after = s.state_dict()
     assert all(torch.equal(after["ring"][k], v) for k, v in sd["ring"].items()) and after["count"] == sd["count"]
     assert after["history"] == sd["history"] and after["truncating"] == sd["truncating"]
-    assert opt._trunc.bits.keys() == trunc.keys()
-    assert all(torch.equal(opt._trunc.bits[p], trunc[p]) for p in trunc)
+    assert opt._worm_truncation.bits.keys() == trunc.keys()
+    assert all(torch.equal(opt._worm_truncation.bits[p], trunc[p]) for p in trunc)
 
 
 def test_nonfinite_weights_leave_the_search_unchanged():
@@ -359,7 +359,7 @@ def test_every_argument_is_checked_at_construction(kw, match):
     opt = worm.WormSGD(m.parameters(), lr=0.1)
     with pytest.raises((ValueError, TypeError), match=match):
         worm.EarlyBird(m, opt, **{"mode": "worm", **kw})
-    assert opt._trunc._owners.keys() == {"user"}  # nothing left behind
+    assert opt._worm_truncation._owners.keys() == {"user"}  # nothing left behind
     assert not opt._optimizer_step_post_hooks
 
 
@@ -411,8 +411,8 @@ def test_non_contiguous_bn_weight_truncates_its_bias_too():
     opt = worm.WormSGD(m.parameters(), lr=1.0)
     s = worm.EarlyBird(m, opt, mode="truncate")
     s.step()
-    assert torch.equal(opt._trunc.bits[m.bias], opt._trunc.bits[m.weight])
-    assert torch.equal(opt._trunc.bits[m.weight], ref.pack([s.mask[m.weight]]))
+    assert torch.equal(opt._worm_truncation.bits[m.bias], opt._worm_truncation.bits[m.weight])
+    assert torch.equal(opt._worm_truncation.bits[m.weight], ref.pack([s.mask[m.weight]]))
 
 
 # ------------------------------------------------------------------ state dicts

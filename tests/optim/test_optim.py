@@ -103,7 +103,7 @@ def test_state_dict_round_trips_with_sgd_and_keeps_truncation():
     again.load_state_dict(sd)
     assert again.param_groups[0]["lr"] == 0.1 and again.truncation == {"r": 0.01, "params": 3}
     for p, keep in masks.items():
-        assert torch.equal(again._trunc.bits[p], ref.pack([keep]))
+        assert torch.equal(again._worm_truncation.bits[p], ref.pack([keep]))
 
     from_sgd = worm.WormSGD(a.parameters(), lr=0.1, momentum=0.9)
     from_sgd.load_state_dict(plain.state_dict())

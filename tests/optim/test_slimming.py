@@ -50,7 +50,7 @@ def test_l1_zero_is_exactly_the_plain_step(hyper):
     train_steps(a, torch.optim.SGD(a.parameters(), lr=0.1, **hyper))
     opt = worm.WormSGD(b.parameters(), lr=0.1, **hyper)
     search = worm.EarlyBird(b, opt, mode="eb", l1=0.0)
-    assert not opt._trunc.penalised
+    assert not opt._worm_truncation.penalised
     train_steps(b, opt)
     _same(a, b)
 
@@ -70,7 +70,7 @@ def test_l1_equals_sgd_with_gradient_hooks_reference(hyper, truncating, monkeypa
     train_steps(b, opt)
     _same(a, b)
     search.close()  # the penalty goes with the search
-    assert not opt._trunc.penalised
+    assert not opt._worm_truncation.penalised
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -126,7 +126,7 @@ def test_penalty_is_applied_after_truncation():
     del search
     import gc
     gc.collect()
-    assert not opt._trunc.penalised
+    assert not opt._worm_truncation.penalised
 
 
 def test_bad_l1_is_refused_at_construction():

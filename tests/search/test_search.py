@@ -72,7 +72,7 @@ def test_truncation_uses_the_newest_mask():
     s = worm.EarlyBird(None, opt, mode="truncate", layers=[x], prune_ratio=0.5, window=3, stop=0.1)
     _set(x, A)
     assert s.step().truncating  # from the first sampling step, window not full
-    assert torch.equal(opt._trunc.bits[x], ref.pack([s.mask[x]]))
+    assert torch.equal(opt._worm_truncation.bits[x], ref.pack([s.mask[x]]))
     before = x.detach().clone()
     x.grad = torch.ones(N)
     opt.step()
