@@ -100,7 +100,7 @@ def search_for(model, opt, kind, mode, scope):
 def train(model, opt, search, kind, steps, start=0, every=2, record=None):
     for i in range(start, start + steps):
         x, y = batch(kind, i)
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -127,8 +127,8 @@ def full_params(model) -> list:
     return [p.full_tensor() if wd.is_dtensor(p) else p.detach() for p in model.parameters()]
 
 
-def run(kind, mode, scope, opt_name, sharded, steps=8):
-    model = KINDS[kind][0]()
+def run(kind, mode, scope, opt_name, sharded, steps=8, dtype=torch.float32):
+    model = KINDS[kind][0]().to(dtype)
     if sharded:
         shard(model)
     opt = make_opt(model, opt_name)
@@ -151,10 +151,11 @@ def worker(rank, world, port, jobs):
 
 
 def check_equal_to_one_process(rank, world, cases):
-    for kind, mode, scope, opt_name in cases:
-        what = f"{kind}/{mode}/{scope}/{opt_name} on {world} ranks"
-        m1, s1, k1 = run(kind, mode, scope, opt_name, sharded=False)
-        m2, s2, k2 = run(kind, mode, scope, opt_name, sharded=True)
+    for kind, mode, scope, opt_name, *dtype in cases:
+        dtype = dtype[0] if dtype else torch.float32
+        what = f"{kind}/{mode}/{scope}/{opt_name}/{dtype} on {world} ranks"
+        m1, s1, k1 = run(kind, mode, scope, opt_name, sharded=False, dtype=dtype)
+        m2, s2, k2 = run(kind, mode, scope, opt_name, sharded=True, dtype=dtype)
         assert isinstance(s2._window, wd.ShardedMaskWindow), what
         assert history(s1) == history(s2), f"{what}: history differs"
         assert len(k1) == len(k2) and all(torch.equal(a, b) for a, b in zip(k1, k2)), \

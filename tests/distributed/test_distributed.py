@@ -27,9 +27,11 @@ def _spawn(world, jobs):
 # slices that straddle ranks (in_proj_weight rows 9 per rank: Q 9+3, K 6+6, none on rank 3).
 CASES = {
     2: [("cnn", "worm", "global", "sgd"), ("cnn", "eb", "layer", "sgd"),
-        ("transformer", "worm", "layer", "sgd"), ("transformer", "eb", "global", "sgd")],
+        ("transformer", "worm", "layer", "sgd"), ("transformer", "eb", "global", "sgd"),
+        ("cnn", "worm", "layer", "sgd", torch.float64)],        # float64 under FSDP2
     4: [("cnn", "worm", "layer", "sgd"), ("cnn", "eb", "global", "sgd"),
-        ("transformer", "eb", "layer", "sgd"), ("transformer", "worm", "global", "adamw")],
+        ("transformer", "eb", "layer", "sgd"), ("transformer", "worm", "global", "adamw"),
+        ("transformer", "worm", "global", "adamw", torch.float64)],
 }
 
 
