@@ -18,10 +18,9 @@ import sys
 
 from setuptools import setup
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join("csrc")
-CPU_SOURCES = ["csrc/register.cpp", "csrc/select_mask_cpu.cpp", "csrc/sample_cpu.cpp",
-               "csrc/optim_cpu.cpp", "csrc/shard_select_cpu.cpp"]
+# One file per op it implements (sample_mask_ is the select's plan with a window).
+CPU_SOURCES = ["csrc/register.cpp", "csrc/select_thresholds_cpu.cpp", "csrc/mask_update_cpu.cpp",
+               "csrc/sgd_step_cpu.cpp", "csrc/shard_select_cpu.cpp"]
 CUDA_SOURCES = ["csrc/ops_cuda.cu"]
 
 

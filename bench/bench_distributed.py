@@ -64,7 +64,7 @@ def _timed_worker(rank, world, port, names, reps, q):
     from torch.distributed.tensor import DTensor, Shard
 
     import worm
-    from worm import _ops
+    from worm import ops
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -93,7 +93,7 @@ def _timed_worker(rank, world, port, names, reps, q):
 
         # the gather-based way: every rank all-gathers every shard, then selects alone
         ring = torch.zeros(WINDOW, sum((p.numel() + 7) // 8 for p in params), dtype=torch.uint8)
-        be = _ops.resolve("cpu")
+        be = ops  # the public ops, on the backend chosen for CPU
         k = [int(round(0.5 * sum(p.numel() for p in params)))]
         tg = []
         for _ in range(reps):
@@ -136,9 +136,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="folder for a JSON + markdown record")
     args = ap.parse_args(argv)
-    from worm import _ops
+    from worm import ops
     rec = {"torch": torch.__version__, "host": platform.node(), "cpus": os.cpu_count(),
-           "cpu_backend": _ops.resolve("cpu").name,
+           "cpu_backend": ops.backend("cpu"),
            "counted": counted(args.world), "timed": timed(args.world, args.time, args.reps) if args.time else []}
     lines = [f"# Sharded search: bytes and time per sampling step (world {args.world}, window {WINDOW})", "",
              "| set | entries | scope | all-reduce payload B | all-reduce wire B/rank | all-gather fp32 B/rank | ratio |",

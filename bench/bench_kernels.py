@@ -72,7 +72,7 @@ def test_trunc_sgd(benchmark, bset, impl):
         bits = [R.pack([m]) for m in keep]
         kw = dict(r=3e-3, lr=0.1, weight_decay=0.0, momentum=0.9, dampening=0.0,
                   nesterov=False, maximize=False)
-        benchmark(_sync(lambda: K.sgd_step_(ts, grads, bufs, bits, **kw)))
+        benchmark(_sync(lambda: K.sgd_step_(ts, grads, bufs, [0] * len(ts), bits, **kw)))
 
 
 @needs_cuda

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cases as CS  # noqa: E402
-from worm import _ops  # noqa: E402
+from worm import _backends  # noqa: E402
 from worm import reference as R  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def one(backend, name, shapes, reps=5):
     ts = CS.make_set(shapes, dev)
     k = CS.k_of(ts)
     ring = torch.zeros(5, R.byte_offsets([t.numel() for t in ts])[-1], dtype=torch.uint8, device=dev)
-    be = _ops._load(backend)
+    be = _backends.load(backend)
 
     def step():
         thr, _ = be.select_thresholds(ts, [k], "global")
@@ -65,7 +65,7 @@ def main():
     print(torch.cuda.get_device_name(), torch.__version__)
     for name in a.sets.split(","):
         for backend in ("cuda", "triton"):
-            if _ops._usable(backend, torch.device("cuda")) is None:
+            if _backends.unusable(backend, torch.device("cuda")) is None:
                 one(backend, name, CS.SIZES["full"][name])
 
 

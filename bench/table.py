@@ -94,7 +94,7 @@ def rows_for(name, shapes, device, triton_ok):
         add("sgd(no trunc)", "optim.SGD fused", opt.step, n * 4 * 5)
     kw = dict(r=3e-3, lr=0.1, weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False,
               maximize=False)
-    add("trunc+sgd", "triton", lambda: __import__("worm_kernels").sgd_step_(ts, grads, bufs, bits, **kw),
+    add("trunc+sgd", "triton", lambda: __import__("worm_kernels").sgd_step_(ts, grads, bufs, [0] * len(ts), bits, **kw),
         n * 4 * 5 + n // 8, None if triton_ok else "needs CUDA")
     _backend_rows(add, ts, grads, bufs, bits, k, n, device, triton_ok, kw)
     return rows
@@ -103,17 +103,17 @@ def rows_for(name, shapes, device, triton_ok):
 def _backend_rows(add, ts, grads, bufs, bits, k, n, device, triton_ok, kw):
     """The whole sampling step (threshold + packed mask + window distances) and the
     truncation ops through each backend of worm's dispatch, reference included."""
-    from worm import _ops
+    from worm import _backends
     from worm import reference as R
     window = 5
     ring = torch.zeros(window, R.byte_offsets([t.numel() for t in ts])[-1], dtype=torch.uint8,
                        device=device)
     names = ["reference", "triton", "cuda"] if device.type == "cuda" else ["reference", "cpp"]
     for name in names:
-        why = _ops._usable(name, device)
+        why = _backends.unusable(name, device)
         if name == "triton" and not triton_ok:
             why = why or "needs CUDA"
-        be = None if why else _ops._load(name)
+        be = None if why else _backends.load(name)
         slow = name == "reference" and n > (20_000_000 if device.type == "cpu" else 300_000_000)
 
         def sample(be=be):

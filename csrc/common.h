@@ -150,6 +150,11 @@ inline SgdLists sgd_lists(at::TensorList params, at::TensorList grads, at::Tenso
   return l;
 }
 
+// The most window rows the fused CPU sample_mask_ takes: each window entry carries its
+// bit of every row in one 64-bit word. Exported as worm._C.sample_max_rows; longer
+// windows run select_thresholds + mask_update_, which have no limit.
+constexpr int64_t kSampleMaxRows = 64;
+
 // Below this many entries a call runs on the calling thread: waking the thread pool
 // costs more than the work (and far more when the machine is busy).
 constexpr int64_t kMinParallelEntries = int64_t(1) << 18;

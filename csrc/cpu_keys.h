@@ -54,6 +54,22 @@ inline uint32_t key_at(const void* p, int64_t i) {
   }
 }
 
+// The 16-bit cut, shared by the select plan and the mask update: the smallest a of
+// the tensor's comparison domain (fp32: the 31-bit key; fp16/bf16: |h| as 15 bits)
+// whose key is >= key32 (key32 <= kInfKey + 1; past +inf it is the first NaN pattern).
+template <int DT>
+int32_t domain_from(uint32_t key32) {
+  if constexpr (DT == kF32) return int32_t(key32);
+  if constexpr (DT == kBF16) return int32_t((key32 + 0xffffu) >> 16);
+  int32_t lo = 0, hi = 0x7c01;  // key(0x7c01), a NaN, is >= kInfKey + 1 >= key32
+  while (lo < hi) {
+    int32_t mid = (lo + hi) / 2;
+    const uint16_t h = uint16_t(mid);
+    if (key_at<kF16>(&h, 0) >= key32) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
 template <class F>
 inline void dispatch_dt(int32_t dt, F&& f) {
   if (dt == kF32) f(std::integral_constant<int, kF32>{});

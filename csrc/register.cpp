@@ -1,10 +1,13 @@
 // The native kernels' schemas (torch.ops.worm_native.*) and the Python module worm._C,
 // which records the torch it was built against so the loader can refuse a stale build.
-// The public ops torch.ops.worm.* are owned by python/worm/ops.py (schemas, checks,
-// fake kernels); it routes CPU/CUDA calls here when this backend is chosen, so the
-// schemas below must stay identical to the ones declared there.
+// The public ops torch.ops.worm.* are owned by python/worm/ops/ (one module per op:
+// schema, checks, fake kernel, reference); it routes CPU/CUDA calls here when this
+// backend is chosen. The schemas below are those of python/worm/ops/*.py (SCHEMA);
+// tests/ops/test_schemas.py asserts they are identical.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "common.h"
 
 #ifndef WORM_TORCH_VERSION
 #define WORM_TORCH_VERSION "unknown"
@@ -16,15 +19,10 @@
 TORCH_LIBRARY(worm_native, m) {
   m.def("select_thresholds(Tensor[] tensors, int[] ks, str scope) -> (Tensor, Tensor)");
   m.def("mask_update_(Tensor[] tensors, Tensor thr, Tensor(a!) window, int head) -> Tensor");
-  // select_thresholds then mask_update_ with its thresholds, fused (CPU only); on
-  // NaN/Inf the window is left as it was and the counts are 0.
   m.def(
       "sample_mask_(Tensor[] tensors, int[] ks, str scope, Tensor(a!) window, int head) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("truncate_(Tensor(a!)[] grads, Tensor[] keep_bits, float r) -> ()");
-  // momentum_buffers: one per param (allocated by the caller) or none when momentum
-  // == 0; fresh[i] != 0 marks a buffer that this step initialises, as torch.optim.SGD
-  // does on its first step.
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "int[] fresh, Tensor?[] keep_bits, *, float r, float lr, float weight_decay, "
@@ -39,5 +37,6 @@ extern "C" PyObject* PyInit__C(void) {
   if (m == nullptr) return nullptr;
   PyModule_AddStringConstant(m, "torch_version", WORM_TORCH_VERSION);
   PyModule_AddIntConstant(m, "with_cuda", WORM_WITH_CUDA);
+  PyModule_AddIntConstant(m, "sample_max_rows", worm::kSampleMaxRows);
   return m;
 }

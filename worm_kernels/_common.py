@@ -1,4 +1,7 @@
-"""Shared plumbing for the multi-tensor kernels: input checks, int64 tables, rounding.
+"""Shared plumbing for the multi-tensor kernels: int64 tables, rounding, bit helpers.
+
+The launchers take checked arguments (python/worm/ops/ checks every call once, for
+every backend) and so hold no checks of their own.
 
 One launch covers many tensors the way torch's fused optimizers do: the host writes a
 small int64 table (data pointers, sizes, a program -> (tensor, start) map) and each
@@ -15,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 _CACHE_SIZE = 256
@@ -111,58 +113,6 @@ def pick_iters(total, block, levels=((1 << 24, 16), (1 << 20, 4))):
     return 1
 
 
-def check_list(tensors, what, dtypes=SUPPORTED, device=None, allow_empty=False):
-    tensors = list(tensors)
-    if not tensors and not allow_empty:
-        raise ValueError(f"{what}: empty list of tensors")
-    dev = device if device is not None else (tensors[0].device if tensors else None)
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a tensor")
-        if t.dtype not in dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-            raise TypeError(f"{what}[{i}] has dtype {t.dtype}; the Triton kernels take {names}")
-        if t.device != dev:
-            raise ValueError(f"{what}[{i}] is on {t.device}, expected {dev}")
-        if t.is_sparse:
-            raise TypeError(f"{what}[{i}] is sparse; the kernels need dense tensors")
-        if t.numel() == 0:
-            raise ValueError(f"{what}[{i}] has no entries")
-    if dev is not None:
-        check_device(dev)
-    return tensors
-
-
-def check_device(dev):
-    import os
-    if dev.type == "cuda":
-        return
-    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    raise RuntimeError(f"the Triton kernels run CUDA tensors (or CPU tensors under "
-                       f"TRITON_INTERPRET=1), got a tensor on {dev}")
-
-
-def check_contiguous(t, what):
-    if not t.is_contiguous():
-        raise ValueError(f"{what} is not contiguous (strides {t.stride()}); the in-place "
-                         "kernels write flat memory, pass a contiguous tensor")
-
-
-def check_bits(bits, n, device, what):
-    if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.dim() != 1:
-        got = f"{bits.dtype} with shape {tuple(bits.shape)}" if isinstance(bits, torch.Tensor) \
-            else type(bits).__name__
-        raise TypeError(f"{what} must be a 1-D uint8 packed mask, got {got}")
-    need = (n + 7) // 8
-    if bits.numel() != need:
-        raise ValueError(f"{what} has {bits.numel()} bytes; a tensor of {n} entries "
-                         f"needs ceil({n}/8) = {need}")
-    if bits.device != device:
-        raise ValueError(f"{what} is on {bits.device}, its tensor on {device}")
-    check_contiguous(bits, what)
-
-
 def launch_ctx(device):
     if device.type == "cuda":
         return torch.cuda.device(device)
@@ -187,6 +137,9 @@ def round_to(x, DT: tl.constexpr):
         return tl.where(x != x, x, r.to(tl.float32, bitcast=True))
     else:
         return x.to(tl.float16).to(tl.float32)
+
+
+NONFINITE_KEY = tl.constexpr(0x7F800000)  # keys at or above this are Inf/NaN
 
 
 @triton.jit

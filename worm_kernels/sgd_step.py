@@ -5,12 +5,19 @@ once; grads are untouched. The math is fp32, but every intermediate is rounded t
 parameter dtype exactly where torch's op-by-op SGD rounds (each ``add``/``mul`` of the
 reference ends in a tensor of that dtype), so bf16/fp16 follow the same rounding path.
 
-Tolerance against ``worm.reference.sgd_step_``: fp32 is bitwise except where an
+Tolerance against ``worm.reference.sgd_step_`` (python/worm/ops/sgd_step.py): fp32 is bitwise except where an
 ``a + alpha * b`` is contracted to an FMA on one side and not the other (torch's CPU
 vector kernels use fmadd; the Triton interpreter never fuses; Triton on CUDA may):
 then 1 ulp of the result. bf16/fp16: at most 1 ulp of the param dtype per step (the
 same FMA question, seen through one more rounding). ``r == 1`` skips truncation
 entirely, so it is exactly the untruncated step.
+
+The scalars (lr, weight decay, momentum, dampening, r) stay fp32, as in ATen's CUDA
+kernels (opmath), so on CUDA this is torch's CUDA SGD rounding. ATen's CPU vector loop
+rounds ``alpha`` to the parameter dtype first (its scalar tail does not); against
+torch.optim.SGD on CPU (for-loop or foreach) a bf16/fp16 step therefore stays within
+1 ulp of the dtype at the operand scale, the bound torch's own foreach and for-loop
+paths keep between each other (tests/ops/test_sgd_step.py; measured: bench/README.md).
 
 Scalars (lr, r, weight decay, momentum, dampening) are runtime arguments: changing
 them never recompiles. The flags (momentum on, nesterov, maximize, weight decay on)
@@ -18,7 +25,6 @@ are compile-time, fixed for an optimizer's life.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -26,8 +32,8 @@ from . import _common as C
 
 BLOCK = 1024
 # Per-tensor flags in the table.
-_INIT = 1      # buffer was None: write the clone of the (truncated, decayed) grad
-_TRUNC = 2     # this param has keep bits
+_INIT = tl.constexpr(1)   # a fresh buffer: write the clone of the (truncated, decayed) grad
+_TRUNC = tl.constexpr(2)  # this param has keep bits
 
 
 @triton.jit
@@ -54,7 +60,7 @@ def _sgd_kernel(p_tab, g_tab, m_tab, b_tab, n_tab, f_tab, prog_t, prog_s,
         g = tl.load(g_ptr + e, mask=m, other=0.0).to(tl.float32)
         p = tl.load(p_ptr + e, mask=m, other=0.0).to(tl.float32)
         if DO_TRUNC:
-            if (flags & 2) != 0:
+            if (flags & _TRUNC) != 0:
                 b_ptr = tl.load(b_tab + t).to(tl.pointer_type(tl.uint8))
                 byte = tl.load(b_ptr + (e >> 3), mask=m, other=0).to(tl.int32)
                 keep = ((byte >> (e & 7).to(tl.int32)) & 1) != 0
@@ -65,7 +71,7 @@ def _sgd_kernel(p_tab, g_tab, m_tab, b_tab, n_tab, f_tab, prog_t, prog_s,
             g = C.round_to(C.fma(p, wd, g, EMU), DT)
         if HAS_MOM:
             m_ptr = tl.load(m_tab + t).to(tl.pointer_type(DT))
-            if (flags & 1) != 0:
+            if (flags & _INIT) != 0:
                 buf = g
             else:
                 buf = tl.load(m_ptr + e, mask=m, other=0.0).to(tl.float32)
@@ -78,32 +84,6 @@ def _sgd_kernel(p_tab, g_tab, m_tab, b_tab, n_tab, f_tab, prog_t, prog_s,
                 g = buf
         p = C.round_to(C.fma(g, neg_lr, p, EMU), DT)
         tl.store(p_ptr + e, p.to(DT), mask=m)
-
-
-def _check(params, grads, bufs, bits):
-    params = C.check_list(params, "sgd_step_ params")
-    T = len(params)
-    grads, bufs, bits = list(grads), list(bufs), list(bits)
-    for name, lst in (("grads", grads), ("momentum_buffers", bufs), ("keep_bits", bits)):
-        if len(lst) != T:
-            raise ValueError(f"{T} params but {len(lst)} {name}")
-    device = params[0].device
-    for i, (p, g, b, kb) in enumerate(zip(params, grads, bufs, bits)):
-        C.check_contiguous(p, f"params[{i}]")
-        if not isinstance(g, torch.Tensor):
-            raise TypeError(f"grads[{i}] is a {type(g).__name__}, not a tensor")
-        if g.shape != p.shape or g.dtype != p.dtype or g.device != device:
-            raise ValueError(f"grads[{i}] is {g.dtype} {tuple(g.shape)} on {g.device}; its "
-                             f"param is {p.dtype} {tuple(p.shape)} on {device}")
-        C.check_contiguous(g, f"grads[{i}]")
-        if b is not None:
-            if b.shape != p.shape or b.dtype != p.dtype or b.device != device:
-                raise ValueError(f"momentum_buffers[{i}] is {b.dtype} {tuple(b.shape)} on "
-                                 f"{b.device}; its param is {p.dtype} {tuple(p.shape)}")
-            C.check_contiguous(b, f"momentum_buffers[{i}]")
-        if kb is not None:
-            C.check_bits(kb, p.numel(), device, f"keep_bits[{i}]")
-    return params, grads, bufs, bits
 
 
 def _tables(params, grads, bufs, bits, flags, device):
@@ -121,31 +101,25 @@ def _tables(params, grads, bufs, bits, flags, device):
     return {"tab": pk.build(device), "iters": iters, "groups": groups, "blk": blk}
 
 
-def sgd_step_(params, grads, momentum_buffers, keep_bits, *, r, lr, weight_decay,
+def sgd_step_(params, grads, momentum_buffers, fresh, keep_bits, *, r, lr, weight_decay,
               momentum, dampening, nesterov, maximize):
-    """One fused step; returns the momentum buffers (new tensors where None came in)."""
-    params, grads, bufs, bits = _check(params, grads, momentum_buffers, keep_bits)
+    """One fused step in the op's signature: buffers allocated by the caller (none when
+    momentum == 0), ``fresh[i]`` set where this step initialises buffer i."""
     device = params[0].device
     r = float(r)
+    bits = list(keep_bits)
     do_trunc = r != 1.0 and any(b is not None for b in bits)
     has_mom = momentum != 0
-    flags = []
-    if has_mom:
-        bufs = list(bufs)
-        for i, p in enumerate(params):
-            init = bufs[i] is None
-            if init:  # every entry is written by the kernel (flag _INIT)
-                bufs[i] = torch.empty_like(p, memory_format=torch.contiguous_format)
-            flags.append((_INIT if init else 0) | (_TRUNC if bits[i] is not None else 0))
-    else:
-        flags = [_TRUNC if b is not None else 0 for b in bits]
+    bufs = list(momentum_buffers) if has_mom else [None] * len(params)
+    fresh = list(fresh) if has_mom else [0] * len(params)
+    flags = [(_INIT.value if f else 0) | (_TRUNC.value if kb is not None else 0)
+             for f, kb in zip(fresh, bits)]
     key = ("sgd", device, has_mom, tuple(flags),
            tuple((p.data_ptr(), g.data_ptr(), p.numel(), p.dtype,
-                  b.data_ptr() if (has_mom and b is not None) else 0,
+                  b.data_ptr() if b is not None else 0,
                   kb.data_ptr() if kb is not None else 0)
                  for p, g, b, kb in zip(params, grads, bufs, bits)))
-    plan = C.cached(key, lambda: _tables(params, grads, bufs if has_mom else [None] * len(params),
-                                         bits, flags, device))
+    plan = C.cached(key, lambda: _tables(params, grads, bufs, bits, flags, device))
     tab = plan["tab"]
     with C.launch_ctx(device):
         for dt, nprog in plan["groups"]:
@@ -157,7 +131,6 @@ def sgd_step_(params, grads, momentum_buffers, keep_bits, *, r, lr, weight_decay
                 NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), DO_TRUNC=do_trunc,
                 BLK=plan["blk"], ITERS=plan["iters"], EMU=device.type != "cuda",
                 num_warps=4)
-    return bufs
 
 
 __all__ = ["sgd_step_"]

@@ -24,9 +24,12 @@ from . import _common as C
 
 SMALL_LIMIT = 1 << 16
 BLOCK = 1024
-NB1, NB2, NB3 = 2048, 1024, 1024        # bins per pass: 11 + 10 + 10 bits
-HSTRIDE = NB1 + NB2 + NB3               # one segment's histograms, end to end
-NONFINITE_BIN = 0x7F800000 >> 20        # first top digit of Inf/NaN keys
+# Digits of the key, most significant first: 11 + 10 + 10 bits (constexpr: the
+# kernels read them as globals).
+NB1, NB2, NB3 = tl.constexpr(2048), tl.constexpr(1024), tl.constexpr(1024)  # bins per pass
+SHIFT1, SHIFT2 = tl.constexpr(20), tl.constexpr(10)   # the top digit's and the middle one's
+HSTRIDE = tl.constexpr(NB1.value + NB2.value + NB3.value)  # a segment's histograms, end to end
+NONFINITE_BIN = tl.constexpr(C.NONFINITE_KEY.value >> SHIFT1.value)  # first top digit of Inf/NaN
 
 
 @triton.jit
@@ -47,18 +50,18 @@ def _block_hist(ptr, offs, n, prefix, PASS: tl.constexpr, NB: tl.constexpr, DT: 
     key = C.abs_key(x)
     if PASS == 1:
         sel = m
-        d = key >> 20
+        d = key >> SHIFT1
     elif PASS == 2:
-        sel = m & ((key >> 20) == prefix)
-        d = (key >> 10) & 1023
+        sel = m & ((key >> SHIFT1) == prefix)
+        d = (key >> SHIFT2) & (NB2 - 1)
     else:
-        sel = m & ((key >> 10) == prefix)
-        d = key & 1023
+        sel = m & ((key >> SHIFT2) == prefix)
+        d = key & (NB3 - 1)
     d = tl.where(sel, d, 0)
     # Unselected lanes land in bin 0; take them back out (portable: no masked histogram).
     dropped = offs.shape[0] - tl.sum(sel.to(tl.int32), 0)
     h = tl.histogram(d, NB) - tl.where(tl.arange(0, NB) == 0, dropped, 0)
-    bad = tl.sum((m & (key >= 0x7F800000)).to(tl.int32), 0)
+    bad = tl.sum((m & (key >= C.NONFINITE_KEY)).to(tl.int32), 0)
     return h, bad
 
 
@@ -88,15 +91,15 @@ def _select_small_kernel(ptr_tab, n_tab, seg_tab, k_tab, thr_out, nf_out,
     t0 = tl.load(seg_tab + s).to(tl.int32)
     t1 = tl.load(seg_tab + s + 1).to(tl.int32)
     k = tl.load(k_tab + s)
-    h1 = _small_pass(ptr_tab, n_tab, nf_out, t0, t1, 0, 1, 2048, DT, BLK)
-    b1, k2 = _find(h1, k, 2048)
-    h2 = _small_pass(ptr_tab, n_tab, nf_out, t0, t1, b1, 2, 1024, DT, BLK)
-    b2, k3 = _find(h2, k2, 1024)
-    p2 = (b1 << 10) | b2
-    h3 = _small_pass(ptr_tab, n_tab, nf_out, t0, t1, p2, 3, 1024, DT, BLK)
-    b3, _k = _find(h3, k3, 1024)
-    nonfinite = tl.sum(tl.where(tl.arange(0, 2048) >= 2040, h1, 0), 0)
-    thr = ((p2 << 10) | b3).to(tl.int32).to(tl.float32, bitcast=True)
+    h1 = _small_pass(ptr_tab, n_tab, nf_out, t0, t1, 0, 1, NB1, DT, BLK)
+    b1, k2 = _find(h1, k, NB1)
+    h2 = _small_pass(ptr_tab, n_tab, nf_out, t0, t1, b1, 2, NB2, DT, BLK)
+    b2, k3 = _find(h2, k2, NB2)
+    p2 = (b1 << SHIFT2) | b2
+    h3 = _small_pass(ptr_tab, n_tab, nf_out, t0, t1, p2, 3, NB3, DT, BLK)
+    b3, _k = _find(h3, k3, NB3)
+    nonfinite = tl.sum(tl.where(tl.arange(0, NB1) >= NONFINITE_BIN, h1, 0), 0)
+    thr = ((p2 << SHIFT2) | b3).to(tl.int32).to(tl.float32, bitcast=True)
     thr = tl.where(k == 0, float("-inf"), thr)
     thr = tl.where(nonfinite > 0, float("nan"), thr)
     for t in range(t0, t1):
@@ -109,13 +112,13 @@ def _prefix(hist_seg, k, PASS: tl.constexpr):
     """Re-derive the buckets chosen by earlier passes from their histograms."""
     if PASS == 1:
         return 0, k
-    h1 = tl.load(hist_seg + tl.arange(0, 2048))
-    b1, k2 = _find(h1, k, 2048)
+    h1 = tl.load(hist_seg + tl.arange(0, NB1))
+    b1, k2 = _find(h1, k, NB1)
     if PASS == 2:
         return b1, k2
-    h2 = tl.load(hist_seg + 2048 + tl.arange(0, 1024))
-    b2, k3 = _find(h2, k2, 1024)
-    return (b1 << 10) | b2, k3
+    h2 = tl.load(hist_seg + NB1 + tl.arange(0, NB2))
+    b2, k3 = _find(h2, k2, NB2)
+    return (b1 << SHIFT2) | b2, k3
 
 
 @triton.jit
@@ -127,7 +130,7 @@ def _select_pass_kernel(ptr_tab, n_tab, segof_tab, k_tab, prog_t, prog_s, hist, 
     start = tl.load(prog_s + pid)
     seg = tl.load(segof_tab + t)
     k = tl.load(k_tab + seg)
-    hist_seg = hist + seg * 4096
+    hist_seg = hist + seg * HSTRIDE
     prefix, _k = _prefix(hist_seg, k, PASS)
     ptr = tl.load(ptr_tab + t).to(tl.pointer_type(DT))
     n = tl.load(n_tab + t)
@@ -150,40 +153,19 @@ def _select_final_kernel(segof_tab, k_tab, hist, thr_out):
     t = tl.program_id(0)
     seg = tl.load(segof_tab + t)
     k = tl.load(k_tab + seg)
-    hist_seg = hist + seg * 4096
+    hist_seg = hist + seg * HSTRIDE
     p2, k3 = _prefix(hist_seg, k, 3)
-    h3 = tl.load(hist_seg + 3072 + tl.arange(0, 1024))
-    b3, _k = _find(h3, k3, 1024)
-    h1 = tl.load(hist_seg + tl.arange(0, 2048))
-    nonfinite = tl.sum(tl.where(tl.arange(0, 2048) >= 2040, h1, 0), 0)
-    thr = ((p2 << 10) | b3).to(tl.int32).to(tl.float32, bitcast=True)
+    h3 = tl.load(hist_seg + NB1 + NB2 + tl.arange(0, NB3))
+    b3, _k = _find(h3, k3, NB3)
+    h1 = tl.load(hist_seg + tl.arange(0, NB1))
+    nonfinite = tl.sum(tl.where(tl.arange(0, NB1) >= NONFINITE_BIN, h1, 0), 0)
+    thr = ((p2 << SHIFT2) | b3).to(tl.int32).to(tl.float32, bitcast=True)
     thr = tl.where(k == 0, float("-inf"), thr)
     thr = tl.where(nonfinite > 0, float("nan"), thr)
     tl.store(thr_out + t, thr)
 
 
 # ------------------------------------------------------------------ host side
-def _check(tensors, ks, scope):
-    tensors = C.check_list(tensors, "select_thresholds tensors")
-    if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-    ks = [int(k) for k in ks]
-    numels = [t.numel() for t in tensors]
-    if scope == "global":
-        if len(ks) != 1:
-            raise ValueError(f"scope='global' takes one k, got {len(ks)}")
-        if not 0 <= ks[0] <= sum(numels):
-            raise ValueError(f"k={ks[0]} outside [0, {sum(numels)}] for the whole set")
-    else:
-        if len(ks) != len(tensors):
-            raise ValueError(f"scope='layer' takes one k per tensor: {len(ks)} ks, "
-                             f"{len(tensors)} tensors")
-        for i, (k, n) in enumerate(zip(ks, numels)):
-            if not 0 <= k <= n:
-                raise ValueError(f"k={k} for tensor {i} outside [0, {n}]")
-    return [t if t.is_contiguous() else t.contiguous() for t in tensors], ks
-
-
 def _tables(tensors, ks, scope, device):
     numels = [t.numel() for t in tensors]
     T = len(tensors)
@@ -213,7 +195,6 @@ def _tables(tensors, ks, scope, device):
 
 def select_thresholds(tensors, ks, scope):
     """(thr fp32 [T], nonfinite int64 [T]); see the module docstring."""
-    tensors, ks = _check(tensors, ks, scope)
     device = tensors[0].device
     key = ("sel", scope, tuple(ks), device,
            tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors))
@@ -229,9 +210,10 @@ def select_thresholds(tensors, ks, scope):
                 thr.masked_fill_(nf.sum() > 0, float("nan"))
             return thr, nf
         Tp = T + (T % 2)  # keep the histograms 16-byte aligned
-        scratch = torch.zeros(Tp + S * HSTRIDE, dtype=torch.int64, device=device)
+        scratch = torch.zeros(Tp + S * HSTRIDE.value, dtype=torch.int64, device=device)
         nf, hist = scratch[:T], scratch[Tp:]
-        for p, nb, hoff in ((1, NB1, 0), (2, NB2, NB1), (3, NB3, NB1 + NB2)):
+        nb1, nb2, nb3 = NB1.value, NB2.value, NB3.value
+        for p, nb, hoff in ((1, nb1, 0), (2, nb2, nb1), (3, nb3, nb1 + nb2)):
             for dt, nprog in plan["groups"]:
                 _select_pass_kernel[(nprog,)](
                     tab["ptr"], tab["n"], tab["segof"], tab["k"], tab[f"pt_{dt}"],
@@ -243,11 +225,4 @@ def select_thresholds(tensors, ks, scope):
     return thr, nf
 
 
-def ks_for(numels, prune_ratio, scope):
-    """k per the reference's rule (round(p * n)), for callers and tests."""
-    if scope == "global":
-        return [int(round(prune_ratio * sum(numels)))]
-    return [int(round(prune_ratio * n)) for n in numels]
-
-
-__all__ = ["select_thresholds", "ks_for"]
+__all__ = ["select_thresholds"]

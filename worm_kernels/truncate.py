@@ -6,7 +6,6 @@ integer ops (see ``_common.round_to``). Kept entries are not rewritten at all.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -48,14 +47,7 @@ def _tables(grads, bits, device):
 
 def truncate_(grads, keep_bits, r):
     """In place, for every i: grads[i] *= (keep ? 1 : r), keep from keep_bits[i]."""
-    grads = C.check_list(grads, "truncate_ grads")
-    keep_bits = list(keep_bits)
-    if len(keep_bits) != len(grads):
-        raise ValueError(f"{len(grads)} grads but {len(keep_bits)} packed masks")
     device = grads[0].device
-    for i, (g, b) in enumerate(zip(grads, keep_bits)):
-        C.check_contiguous(g, f"grads[{i}]")
-        C.check_bits(b, g.numel(), device, f"keep_bits[{i}]")
     r = float(r)
     if r == 1.0:
         return None

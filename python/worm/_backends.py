@@ -2,21 +2,21 @@
 
 Four implementations compute the ops of :mod:`worm.ops` (the contract):
 
-``reference``  pure PyTorch (:mod:`worm.reference`); any device; always there.
+``reference``  pure PyTorch (each op module's ``reference``, :mod:`worm.reference`);
+               any device; always there.
 ``cpp``        the native extension ``worm._C`` (csrc/, ``torch.ops.worm_native.*``);
                CPU tensors; there when the extension is built for the running torch.
 ``cuda``       the same extension built with CUDA; CUDA tensors.
 ``triton``     the Triton kernels (``worm_kernels/``); CUDA tensors, or CPU tensors
                under ``TRITON_INTERPRET=1``.
 
-Each implementation here takes *checked* arguments (``worm.ops`` checks them once for
-all) in the raw op signature: contiguous inputs, ``sgd_step_`` buffers allocated by
-the caller with ``fresh`` flags. ``WORM_BACKEND`` forces one implementation; unset,
-CPU tensors get cpp, then the reference; CUDA tensors get ``cuda+triton`` when both
-are there (the CUDA ops sample: select + mask update, 10-30x faster than the Triton
-select on an H100; Triton updates: truncation and the SGD step, 10-25% faster than the
-CUDA ones at 50M-1B entries; bench/results/), else triton, then cuda, then the
-reference.
+This module only routes. Each implementation takes *checked* arguments (each op's
+module in :mod:`worm.ops` checks them once for all) in the raw op signature:
+contiguous inputs, ``sgd_step_`` buffers allocated by the caller with ``fresh`` flags.
+``WORM_BACKEND`` forces one implementation; unset, CPU tensors get cpp, then the
+reference; CUDA tensors get ``cuda+triton`` when both are there (the CUDA ops sample,
+Triton updates: the measured split is in bench/README.md), else triton, then cuda,
+then the reference.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from typing import Optional
 
 import torch
 
-from . import reference as _ref
 
 BACKENDS = ("triton", "cpp", "cuda", "reference")
 
@@ -38,101 +37,67 @@ _chosen: dict = {}    # (WORM_BACKEND, device type) -> Impl
 class Impl:
     """One implementation of the ops (raw signatures, checked arguments).
 
-    ``sample_mask_`` defaults to the implementation's own select and mask update
-    (:func:`composed_sample`); the C++ backend has a fused one.
+    ``sample_mask_``: a fused sampling step, or None to run the implementation's
+    select and mask update under the op's rule (:mod:`worm.ops.sample_mask`);
+    ``sample_max_rows``: the most window rows the fused step takes (longer windows
+    run the two ops). ``max_window``: the most window rows one mask update takes
+    (the Triton kernel keeps per-row counts in registers); None where there is no limit.
     """
 
     def __init__(self, name, select_thresholds, mask_update_, truncate_, sgd_step_,
-                 sample_mask_=None):
+                 sample_mask_=None, sample_max_rows=None, max_window=None):
         self.name = name
         self.select_thresholds = select_thresholds
         self.mask_update_ = mask_update_
         self.truncate_ = truncate_
         self.sgd_step_ = sgd_step_
-        self.sample_mask_ = sample_mask_ or composed_sample(select_thresholds, mask_update_)
+        self.sample_mask_ = sample_mask_
+        self.sample_max_rows = sample_max_rows
+        self.max_window = max_window
 
     def __repr__(self):
         return f"Impl({self.name!r})"
 
 
-def composed_sample(select_thresholds, mask_update_):
-    """``sample_mask_`` from a select and a mask update, without a host sync: the head
-    row is kept and put back where the set held NaN/Inf (one row copy each way)."""
-
-    def sample_mask_(tensors, ks, scope, window, head):
-        thr, nonfinite = select_thresholds(tensors, ks, scope)
-        bad = nonfinite.sum() > 0
-        row = window[head].clone()
-        counts = mask_update_(tensors, thr, window, head)
-        window[head] = torch.where(bad, row, window[head])
-        return thr, nonfinite, torch.where(bad, 0, counts)
-
-    return sample_mask_
+_reference_impl: Optional[Impl] = None
 
 
-# ------------------------------------------------------------------ reference
-def reference_select_thresholds(tensors, ks, scope):
-    """(thr, nonfinite) by ``torch.kthvalue``: the oracle for every select kernel."""
-    nonfinite = torch.stack([(~torch.isfinite(t.detach())).sum() for t in tensors])
-    scores = [t.detach().float().abs() for t in tensors]
-    if int(nonfinite.sum()) != 0:
-        return torch.full((len(tensors),), float("nan"), device=tensors[0].device), nonfinite
-    if scope == "global":
-        flat = torch.cat([s.reshape(-1) for s in scores])
-        thr = _ref._kth(flat, ks[0]).reshape(1).expand(len(scores)).clone()
-    else:
-        thr = torch.stack([_ref._kth(s.reshape(-1), k) for s, k in zip(scores, ks)])
-    return thr, nonfinite
-
-
-def _sgd_via_optional_buffers(step):
-    """Adapts an ``sgd_step_`` that takes None for a missing buffer (and returns the
-    buffers) to the op's signature: preallocated buffers flagged ``fresh``."""
-
-    def sgd_step_(params, grads, bufs, fresh, bits, *, r, lr, weight_decay, momentum,
-                  dampening, nesterov, maximize):
-        if momentum != 0:
-            given = [None if f else b for b, f in zip(bufs, fresh)]
-        else:
-            given = [None] * len(params)
-        out = step(params, grads, given, bits, r=r, lr=lr, weight_decay=weight_decay,
-                   momentum=momentum, dampening=dampening, nesterov=nesterov,
-                   maximize=maximize)
-        if momentum != 0:
-            for b, f, o in zip(bufs, fresh, out):
-                if f:  # first step: the new buffer lands in the caller's tensor
-                    b.copy_(o)
-
-    return sgd_step_
+def use_reference(impl: Impl) -> None:
+    """Called once by :mod:`worm.ops`, which holds each op's reference (the router
+    does not import the ops: they import it)."""
+    global _reference_impl
+    _reference_impl = impl
+    _loaded.pop("reference", None)
+    _chosen.clear()
 
 
 def _reference():
-    return Impl("reference", reference_select_thresholds, _ref.mask_update_, _ref.truncate_,
-                _sgd_via_optional_buffers(_ref.sgd_step_))
+    if _reference_impl is None:
+        raise ImportError("worm.ops is not imported (it provides the reference)")
+    return _reference_impl
 
 
 def _triton():
     importlib.import_module("worm_kernels")  # ImportError (with the reason) if no Triton
-    from worm_kernels.mask_update import mask_update_
+    from worm_kernels.mask_update import MAX_WINDOW, mask_update_
     from worm_kernels.sgd_step import sgd_step_
     from worm_kernels.threshold_select import select_thresholds
     from worm_kernels.truncate import truncate_
-    return Impl("triton", select_thresholds, mask_update_, truncate_,
-                _sgd_via_optional_buffers(sgd_step_))
+    return Impl("triton", select_thresholds, mask_update_, truncate_, sgd_step_,
+                max_window=MAX_WINDOW)
 
 
 def _native(name):
     from . import _native as nat
-    nat.load()
+    mod = nat.load()
     if name == "cuda" and not nat.with_cuda():
         raise RuntimeError("worm._C was built without CUDA (no nvcc, no GPU at build time, or "
                            "WORM_NO_CUDA=1); rebuild with WORM_FORCE_CUDA=1 for the CUDA ops")
     ops = torch.ops.worm_native
-    # the fused sampling step is CPU-only (csrc/sample_cpu.cpp); CUDA runs the two ops
-    # (a build from before the op existed lacks it: then the two ops run)
-    fused = getattr(ops, "sample_mask_", None) if name == "cpp" else None
-    return Impl(name, ops.select_thresholds, ops.mask_update_, ops.truncate_, ops.sgd_step_,
-                fused)
+    if name == "cpp":  # the fused sampling step is CPU-only (csrc/select_thresholds_cpu.cpp)
+        return Impl(name, ops.select_thresholds, ops.mask_update_, ops.truncate_, ops.sgd_step_,
+                    ops.sample_mask_, sample_max_rows=mod.sample_max_rows)
+    return Impl(name, ops.select_thresholds, ops.mask_update_, ops.truncate_, ops.sgd_step_)
 
 
 # ------------------------------------------------------------------ choosing
@@ -205,7 +170,7 @@ def choose(device) -> Impl:
         if device.type == "cuda" and "triton" in ok and "cuda" in ok:
             cu, tr = _loaded["cuda"], _loaded["triton"]
             impl = Impl("cuda+triton", cu.select_thresholds, cu.mask_update_, tr.truncate_,
-                        tr.sgd_step_, cu.sample_mask_)
+                        tr.sgd_step_, max_window=cu.max_window)
         else:
             impl = _loaded[ok[0]]
     _chosen[key] = impl

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 
 from . import reference as _ref
+from .ops import FLOAT_DTYPES
 from .distributed import is_dtensor as _is_dtensor
 
 __all__ = ["KERNEL_DTYPES", "truncated", "truncated_grad"]
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPES = FLOAT_DTYPES
 
 
 def _scaled(v: torch.Tensor, keep: torch.Tensor, r: float) -> torch.Tensor:

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["packed_nbytes", "byte_offsets", "pack", "unpack", "popcount"]
+__all__ = ["packed_nbytes", "byte_offsets", "pack", "pack_flat", "unpack", "popcount",
+           "bit_weights"]
 
 
 def packed_nbytes(n: int) -> int:
@@ -28,17 +29,22 @@ def byte_offsets(numels: Sequence[int]) -> list:
     return offs
 
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_BIT_WEIGHTS = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
 
 
-def _pack_one(keep: torch.Tensor) -> torch.Tensor:
+def bit_weights(device) -> torch.Tensor:
+    """uint8 [8]: the weight of each bit of a byte, least significant first."""
+    return _BIT_WEIGHTS.to(device)
+
+
+def pack_flat(keep: torch.Tensor) -> torch.Tensor:
+    """One tensor's packed segment: its entries (bool or 0/1, row-major), LSB first."""
     flat = keep.reshape(-1).to(torch.uint8)
     n = flat.numel()
     pad = packed_nbytes(n) * 8 - n
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    w = _BIT_WEIGHTS.to(flat.device)
-    return (flat.reshape(-1, 8) * w).sum(dim=1, dtype=torch.uint8)
+    return (flat.reshape(-1, 8) * bit_weights(flat.device)).sum(dim=1, dtype=torch.uint8)
 
 
 def pack(keep_masks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -49,7 +55,7 @@ def pack(keep_masks: Sequence[torch.Tensor]) -> torch.Tensor:
     for i, m in enumerate(keep_masks):
         if m.dtype != torch.bool:
             raise TypeError(f"mask {i} has dtype {m.dtype}; masks are bool (True = keep)")
-    return torch.cat([_pack_one(m) for m in keep_masks])
+    return torch.cat([pack_flat(m) for m in keep_masks])
 
 
 def unpack(packed: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list:
@@ -60,7 +66,7 @@ def unpack(packed: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list:
     offs = byte_offsets(numels)
     if packed.numel() != offs[-1]:
         raise ValueError(f"packed mask has {packed.numel()} bytes; shapes {list(shapes)} need {offs[-1]}")
-    w = _BIT_WEIGHTS.to(packed.device)
+    w = bit_weights(packed.device)
     out = []
     for i, (shape, n) in enumerate(zip(shapes, numels)):
         seg = packed[offs[i]:offs[i + 1]]

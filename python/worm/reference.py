@@ -1,6 +1,10 @@
 """The pure-PyTorch reference: the oracle every kernel (Triton, C++, CUDA) is held to.
 
-Semantics are those of docs/method.md and docs/ops.md; nothing here is tuned for speed.
+One function per op with the op's own arguments and results (:func:`select_thresholds`,
+:func:`mask_update_`, :func:`sample_mask_`, :func:`truncate_`, :func:`sgd_step_`, each
+defined beside its op in :mod:`worm.ops`), plus the user-facing helpers built on them
+(:func:`thresholds`, :func:`masks`, :func:`distance`, ...). Semantics are those of
+docs/method.md and docs/ops.md; nothing here is tuned for speed.
 
 Conventions shared with every backend
 -------------------------------------
@@ -31,6 +35,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from .ops._common import FLOAT_DTYPES as SUPPORTED_DTYPES, check_scope
+from .ops.mask_update import keep
+from .ops.mask_update import reference as mask_update_
+from .ops.sample_mask import reference as sample_mask_
+from .ops.sgd_step import reference as sgd_step_
+from .ops.threshold_select import kth as _kth
+from .ops.threshold_select import reference as select_thresholds
+from .ops.truncate import reference as truncate_
 # The packed layout has its own module; the reference re-exports it for its users.
 from .packing import byte_offsets, pack, packed_nbytes, popcount, unpack
 
@@ -40,7 +52,9 @@ __all__ = [
     "check_ratio",
     "num_pruned",
     "scores",
+    "select_thresholds",
     "thresholds",
+    "keep",
     "masks",
     "packed_nbytes",
     "byte_offsets",
@@ -49,12 +63,11 @@ __all__ = [
     "popcount",
     "distance",
     "mask_update_",
+    "sample_mask_",
     "window_stats",
     "truncate_",
     "sgd_step_",
 ]
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ---------------------------------------------------------------- input checks
@@ -104,30 +117,23 @@ def scores(tensors: Sequence[torch.Tensor], names: Optional[Sequence[str]] = Non
 
 
 # ------------------------------------------------------------------ thresholds
-def _kth(flat: torch.Tensor, k: int) -> torch.Tensor:
-    if k == 0:
-        return torch.tensor(-math.inf, dtype=torch.float32, device=flat.device)
-    return torch.kthvalue(flat.cpu(), k).values.to(flat.device)
-
-
 def thresholds(tensors: Sequence[torch.Tensor], prune_ratio: float,
                scope: str = "global") -> torch.Tensor:
     """fp32 tensor [T]: the threshold that applies to each tensor."""
+    check_scope(scope)
     s = scores(tensors)
     p = check_ratio(prune_ratio)
     if scope == "global":
         flat = torch.cat([x.reshape(-1) for x in s])
         t = _kth(flat, num_pruned(flat.numel(), p))
         return t.reshape(1).expand(len(s)).clone()
-    if scope == "layer":
-        return torch.stack([_kth(x.reshape(-1), num_pruned(x.numel(), p)) for x in s])
-    raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    return torch.stack([_kth(x.reshape(-1), num_pruned(x.numel(), p)) for x in s])
 
 
 def masks(tensors: Sequence[torch.Tensor], prune_ratio: float, scope: str = "global") -> list:
     """Keep-masks (bool, True = keep), one per tensor, same shapes."""
     thr = thresholds(tensors, prune_ratio, scope)
-    return [t.detach().float().abs() > thr[i] for i, t in enumerate(tensors)]
+    return [keep(t, thr[i]) for i, t in enumerate(tensors)]
 
 
 # -------------------------------------------------------------------- distance
@@ -152,64 +158,7 @@ def distance(keep_a, keep_b) -> float:
 
 
 # ---------------------------------------------------------------------- window
-def mask_update_(tensors: Sequence[torch.Tensor], thr: torch.Tensor,
-                 window: torch.Tensor, head: int) -> torch.Tensor:
-    """The fused sampling op: new mask into ``window[head]``, XOR counts per row.
-
-    ``thr`` is fp32 [T] (see :func:`thresholds`); ``window`` uint8 [l, B].
-    Returns int64 [l]: popcount(new XOR previous content of row j) for each row j.
-    """
-    keep = [t.detach().float().abs() > thr[i] for i, t in enumerate(tensors)]
-    new = pack(keep).to(window.device)
-    counts = torch.stack([popcount(new ^ window[j]) for j in range(window.shape[0])])
-    window[head].copy_(new)
-    return counts
-
-
 def window_stats(counts: Sequence[int], n: int) -> tuple:
     """(d_max, d_avg) from the XOR counts against the l-1 older masks."""
     d = [c / n for c in counts]
     return max(d), sum(d) / len(d)
-
-
-# ------------------------------------------------------------------ truncation
-def truncate_(grads: Sequence[torch.Tensor], keep_bits: Sequence[torch.Tensor], r: float) -> None:
-    """In place: g <- g * (keep ? 1 : r). ``keep_bits[i]`` is the packed mask of grads[i]."""
-    # The product is formed in fp32 and rounded once to the gradient's dtype (for
-    # fp32 gradients this is exactly a hook computing ``g * where(keep, 1, r)``).
-    for g, bits in zip(grads, keep_bits):
-        keep = unpack(bits, [g.shape])[0]
-        scale = torch.where(keep, torch.ones((), device=g.device),
-                            torch.full((), float(r), dtype=torch.float32, device=g.device))
-        g.copy_(g.float() * scale)
-
-
-def sgd_step_(params, grads, momentum_buffers, keep_bits, *, r: float, lr: float,
-              weight_decay: float, momentum: float, dampening: float,
-              nesterov: bool, maximize: bool) -> list:
-    """One WormSGD step: truncation (a gradient hook) then torch.optim.SGD's math.
-
-    ``momentum_buffers[i]`` is None before the first step with momentum; the new
-    buffers are returned. ``keep_bits[i]`` None means no truncation for that param.
-    Grads are not modified. Follows torch.optim.SGD's single-tensor path op by op,
-    so with no truncation (or r == 1) the result is bit-for-bit SGD's.
-    """
-    new_bufs = []
-    for i, p in enumerate(params):
-        g = grads[i]
-        if keep_bits[i] is not None and r != 1.0:
-            g = g.clone()
-            truncate_([g], [keep_bits[i]], r)
-        g = g if not maximize else -g
-        if weight_decay != 0:
-            g = g.add(p, alpha=weight_decay)
-        buf = momentum_buffers[i]
-        if momentum != 0:
-            if buf is None:
-                buf = torch.clone(g).detach()
-            else:
-                buf.mul_(momentum).add_(g, alpha=1 - dampening)
-            g = g.add(buf, alpha=momentum) if nesterov else buf
-        p.add_(g, alpha=-lr)
-        new_bufs.append(buf)
-    return new_bufs

@@ -10,7 +10,7 @@ Which path a truncating WormSGD step takes, per parameter:
 
 * ``foreach`` and ``fused`` left unset (the default): parameters the backend's fused
   kernel takes (dense, contiguous, fp32/bf16/fp16 with gradient and momentum buffer
-  of the same dtype) go through ``sgd_step_`` of :func:`worm._ops.resolve`; every
+  of the same dtype) go through :func:`worm.ops.sgd_step_`; every
   other parameter (channels_last or transposed weights, float64, complex, sparse
   gradients, a buffer of another dtype after ``.half()``, ...) goes through
   ``torch.optim.SGD``'s own code with the truncated gradient, as a hook would give it.
@@ -45,7 +45,7 @@ from typing import Dict, Optional
 import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
-from . import _ops
+from . import ops
 from .distributed import local as _local
 from .distributed import sgd_step_ as _sgd_step_on_shards
 from .hook_grad import KERNEL_DTYPES, truncated_grad
@@ -183,8 +183,8 @@ class WormSGD(torch.optim.SGD):
                 continue
             be = backends.get(p.device)
             if be is None:
-                be = backends[p.device] = _ops.resolve(p.device)
-            if be.name == "reference":  # torch's own single-tensor step is the reference
+                be = backends[p.device] = ops.backend(p.device)
+            if be == "reference":  # torch's own single-tensor step is the reference
                 torch_path.append(p)
                 continue
             batches.setdefault((p.device, self._worm_truncation.r_of.get(p)), []).append(p)
@@ -200,7 +200,7 @@ class WormSGD(torch.optim.SGD):
         for (device, r), params in batches.items():
             bufs = [self.state[p].get("momentum_buffer") if momentum != 0 else None for p in params]
             new_bufs = _sgd_step_on_shards(  # DTensor params (FSDP2): the op runs on local shards
-                backends[device].sgd_step_, params, [p.grad for p in params], bufs,
+                ops.sgd_step_, params, [p.grad for p in params], bufs,
                 [self._worm_truncation.bits.get(p) for p in params], r=1.0 if r is None else r, lr=group["lr"], weight_decay=group["weight_decay"],
                 momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
                 maximize=group["maximize"])

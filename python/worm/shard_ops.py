@@ -24,9 +24,10 @@ import torch
 
 from .packing import byte_offsets, pack, popcount
 
-__all__ = ["key_histogram", "window_split_", "window_fix_", "RUN", "INF_KEY", "native"]
+__all__ = ["key_histogram", "window_split_", "window_fix_", "RUN", "INF_KEY", "MAX_ROWS", "native"]
 
 RUN = 4096                 # entries in one sampled run
+MAX_ROWS = 64              # window rows window_split_ counts in one read
 INF_KEY = 0x7F800000       # keys at or above: Inf/NaN
 _CHUNK = 1 << 16
 

@@ -20,11 +20,11 @@ from typing import Optional
 
 import torch
 
-from . import ops
 from .collective import Collective
 from .dtensor import is_dtensor, local, local_numel
 from .packing import byte_offsets, pack, unpack
 from .rep import Entries
+from .shard_ops import MAX_ROWS
 from .shard_select import sample_sharded
 from .window import MaskWindow, check_length
 from .window_state import check_rows, pack_rows, row_layout, rows_from_flat, unpack_rows
@@ -116,9 +116,8 @@ class ShardedMaskWindow(MaskWindow):
 
     def __init__(self, reps, length: int):
         self.length = check_length(length)
-        if self.length > ops.MAX_WINDOW:  # one mask-update call covers the whole window here
-            raise ValueError(f"a sharded search's window must be at most {ops.MAX_WINDOW}, "
-                             f"got {length!r}")
+        if self.length > MAX_ROWS:  # the local passes count every row in one read
+            raise ValueError(f"a sharded search's window must be at most {MAX_ROWS}, got {length!r}")
         self.count = 0
         self.reps = list(reps)
         layouts = [shard_layout(r.param) for r in self.reps]

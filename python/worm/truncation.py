@@ -20,7 +20,7 @@ from typing import Dict, Optional
 
 import torch
 
-from . import _ops
+from . import ops
 from . import reference as _ref
 from .distributed import local as _local
 from .hook_grad import KERNEL_DTYPES, truncated
@@ -222,8 +222,8 @@ def truncate_only(st: TruncationState) -> None:
         if g.dtype in KERNEL_DTYPES and g.layout == torch.strided and g.is_contiguous():
             be = backends.get(g.device)
             if be is None:
-                be = backends[g.device] = _ops.resolve(g.device)
-            if be.name != "reference":
+                be = backends[g.device] = ops.backend(g.device)
+            if be != "reference":
                 grads, bl = batches.setdefault((g.device, r), ([], []))
                 grads.append(g)
                 bl.append(bits)
@@ -233,7 +233,7 @@ def truncate_only(st: TruncationState) -> None:
         else:
             g.copy_(truncated(g, bits, r))
     for (device, r), (grads, bl) in batches.items():
-        backends[device].truncate_(grads, bl, r)
+        ops.truncate_(grads, bl, r)
     return None
 
 

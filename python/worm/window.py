@@ -15,13 +15,13 @@ from typing import Optional, Sequence
 import torch
 
 from . import ops, window_state
-from .packing import byte_offsets, unpack
+from .packing import byte_offsets, pack_flat, unpack
 from .rep import RepTensor
 
 __all__ = ["MaskWindow", "SCORED_DTYPES"]
 
 # float64 weights are ranked by their fp32 score (|w| in fp32, as the reference does).
-SCORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+SCORED_DTYPES = ops.FLOAT_DTYPES + (torch.float64,)
 
 
 def check_length(length) -> int:
@@ -59,7 +59,8 @@ class MaskWindow:
         tensors = [rep.contiguous_values() for rep in self.reps]
         tensors = [t.float() if t.dtype == torch.float64 else t for t in tensors]
         head = self.count % self.length
-        if self.length <= ops.MAX_WINDOW:  # one fused step (docs/ops.md)
+        limit = ops.max_window(self.ring.device)
+        if limit is None or self.length <= limit:  # one fused step (docs/ops.md)
             _, nonfinite, counts = ops.sample_mask_(tensors, ks, scope, self.ring, head)
         else:
             thr, nonfinite = ops.select_thresholds(tensors, ks, scope)
@@ -75,10 +76,11 @@ class MaskWindow:
         return counts
 
     def _mask_update(self, tensors, thr, head: int) -> torch.Tensor:
-        """The op over the whole ring, in calls of at most ops.MAX_WINDOW rows (the most
-        one call counts), so windows of any length run on every backend."""
-        step = ops.MAX_WINDOW
-        if self.length <= step:
+        """The op over the whole ring, in calls of at most :func:`worm.ops.max_window`
+        rows (the most one call of the chosen backend counts), so windows of any length
+        run on every backend."""
+        step = ops.max_window(self.ring.device)
+        if step is None or self.length <= step:
             return ops.mask_update_(tensors, thr, self.ring, head)
         parts = []
         for lo in range(0, self.length, step):
@@ -130,13 +132,8 @@ class MaskWindow:
                     bits[p] = seg
         for p, src in self._maps().items():
             byte = ring_row[src.clamp(min=0) >> 3].long()
-            keep = torch.where(src >= 0, (byte >> (src & 7)) & 1, 1).to(torch.uint8)
-            pad = (-keep.numel()) % 8
-            if pad:
-                keep = torch.cat([keep, keep.new_zeros(pad)])
-            weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8,
-                                   device=keep.device)
-            bits[p] = (keep.reshape(-1, 8) * weights).sum(1, dtype=torch.uint8)
+            keep = torch.where(src >= 0, (byte >> (src & 7)) & 1, 1)
+            bits[p] = pack_flat(keep)
         return bits
 
     def _maps(self) -> dict:

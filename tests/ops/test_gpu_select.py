@@ -5,7 +5,7 @@ one bucket), mixed dtypes, NaN/Inf. Runs only where a CUDA device is present."""
 import pytest
 import torch
 
-from worm import _ops
+from worm import _backends as B
 from worm import reference as R
 
 pytestmark = [pytest.mark.gpu,
@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.gpu,
 def _backends():
     out = []
     for name in ("cuda", "triton"):
-        if torch.cuda.is_available() and _ops._usable(name, torch.device("cuda")) is None:
+        if torch.cuda.is_available() and B.unusable(name, torch.device("cuda")) is None:
             out.append(name)
     return out
 
@@ -44,7 +44,7 @@ def test_sampling_step_matches_reference(backend, name, scope, p):
     ts = [t.cuda() for t in _sets()[name]]
     ns = [t.numel() for t in ts]
     ks = [R.num_pruned(sum(ns), p)] if scope == "global" else [R.num_pruned(n, p) for n in ns]
-    ref, be = _ops._load("reference"), _ops._load(backend)
+    ref, be = B.load("reference"), B.load(backend)
     thr_r, nf_r = ref.select_thresholds(ts, ks, scope)
     thr_b, nf_b = be.select_thresholds(ts, ks, scope)
     assert torch.equal(nf_b.cpu(), nf_r.cpu())
@@ -66,6 +66,6 @@ def test_nonfinite_in_large_set_gives_nan_everywhere(backend):
     ts = [torch.randn(200000).cuda(), torch.randn(5000).cuda()]
     ts[1][17] = float("nan")
     for scope, ks in (("global", [1000]), ("layer", [10, 10])):
-        thr, nf = _ops._load(backend).select_thresholds(ts, ks, scope)
+        thr, nf = B.load(backend).select_thresholds(ts, ks, scope)
         assert nf.cpu().tolist() == [0, 1]
         assert torch.isnan(thr).all()

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import worm
 from worm import ops
 from worm import reference as ref
+from worm.ops.sgd_step import with_optional_buffers
 
 IMPLS = [n for n, why in worm.backend_info("cpu").items() if why == "ok"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -139,7 +140,8 @@ def test_sgd_step_matches_the_reference(impl):
         bits = [ref.pack([torch.rand(p.shape, generator=torch.Generator().manual_seed(seed + i)) > 0.5])
                 if data.draw(st.booleans()) else None for i, p in enumerate(params)]
         want_p = [p.clone() for p in params]
-        want_b = ref.sgd_step_(want_p, grads, [None if b is None else b.clone() for b in bufs], bits, **hyper)
+        want_b = with_optional_buffers(ref.sgd_step_, want_p, grads,
+                                       [None if b is None else b.clone() for b in bufs], bits, **hyper)
         grads_before = [g.clone() for g in grads]
         got_b = ops.sgd_step_(params, grads, bufs, bits, **hyper)
         for g, g0 in zip(grads, grads_before):

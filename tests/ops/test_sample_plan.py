@@ -72,7 +72,7 @@ def check(ts, ks, scope, length=3, head=1, seed=0):
     nbytes = R.byte_offsets([t.numel() for t in ts])[-1]
     g = torch.Generator().manual_seed(seed)
     win = torch.randint(0, 256, (length, nbytes), generator=g, dtype=torch.uint8)
-    want_thr, want_nf = _backends.reference_select_thresholds(ts, ks, scope)
+    want_thr, want_nf = R.select_thresholds(ts, ks, scope)
     want_win = win.clone()
     if int(want_nf.sum()) == 0:
         want_counts = R.mask_update_(ts, want_thr, want_win, head)

@@ -292,8 +292,7 @@ def test_failed_wormsgd_step_changes_nothing(monkeypatch):
     m(_inputs(1)[0]).sum().backward()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     bufs = {p: opt.state[p]["momentum_buffer"].clone() for p in m.parameters() if p in opt.state}
-    from worm import _ops
-    real = _ops.resolve
+    real = worm.ops.backend
     calls = []
 
     def flaky(device):
@@ -301,7 +300,7 @@ def test_failed_wormsgd_step_changes_nothing(monkeypatch):
         if len(calls) > 1:
             raise RuntimeError("backend went away")
         return real(device)
-    monkeypatch.setattr(_ops, "resolve", flaky)
+    monkeypatch.setattr(worm.ops, "backend", flaky)
     with pytest.raises(RuntimeError, match="went away"):
         opt.step()
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
@@ -390,9 +389,10 @@ def _backends_here():
 
 @pytest.mark.parametrize("be", _backends_here())
 def test_windows_longer_than_one_op_call_are_split(be, monkeypatch):
-    # the op takes at most 64 rows per call (Triton); shrink that to 2 to test the split
+    # a backend may take a limited number of rows per call (Triton: 64); a limit of 2
+    # on every backend tests the split
     whole = _window_run(5, 9, be)
-    monkeypatch.setattr(worm.ops, "MAX_WINDOW", 2)
+    monkeypatch.setattr(worm.ops, "max_window", lambda device=None: 2)
     split = _window_run(5, 9, be)
     assert [h.distances for h in split.history] == [h.distances for h in whole.history]
     assert whole.history[-1].distances is not None

@@ -5,13 +5,13 @@ import torch
 from torch import nn
 
 import worm
-from worm import _ops
+from worm import _backends
 
 
 def _available():
     out = []
     for name in ("triton", "cpp"):
-        if _ops._usable(name, torch.device("cpu")) is None:
+        if _backends.unusable(name, torch.device("cpu")) is None:
             out.append(name)
     return out
 

@@ -1,6 +1,5 @@
-// CPU: the radix select that finishes an exact window too large to collect (massive
-// ties; every select runs the plan of sample_cpu.cpp) and the fused mask update
-// (compare, pack, write window[head], XOR-popcount every row), one pass.
+// CPU: mask_update_, fused in one pass (compare, pack, write window[head],
+// XOR-popcount every row). Semantics: python/worm/ops/mask_update.py.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -16,64 +15,6 @@
 #endif
 
 namespace worm {
-// Declared in cpu_keys.h. Each pass takes one digit of the bits below the resolved
-// prefix and counts only keys that share the prefix.
-uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel,
-                      uint32_t start_prefix, int below) {
-  int64_t total = 0;
-  bool all_bf16 = true, all_f16 = true;
-  for (const auto& s : srcs) {
-    total += s.n;
-    all_bf16 &= s.dt == kBF16;
-    all_f16 &= s.dt == kF16;
-  }
-  // bf16 and fp16 keys have zero low bits: fewer digits to resolve.
-  const int low = std::min(below, all_bf16 ? 16 : (all_f16 ? 13 : 0));
-  // small sets: small histograms; large ones: two passes (the first with 64 Ki bins)
-  const int max_digit = total < 4096 ? 8 : (total >= (int64_t(1) << 22) ? 16 : 11);
-  const int nbits = below - low;
-  const int npass = (nbits + max_digit - 1) / max_digit;
-  if (npass == 0) return start_prefix << below;
-
-  const int64_t chunk = 1 << 16;
-  auto chunks = make_chunks(srcs, chunk);
-  const int64_t nchunks = chunks.size();
-  parallel = parallel && total >= kMinParallelEntries;
-  const int64_t tasks = parallel ? std::min<int64_t>(at::get_num_threads(), nchunks) : 1;
-
-  uint32_t prefix = start_prefix;  // the digits chosen so far
-  int pshift = below;              // keys match when (key >> pshift) == prefix
-  int hi = below;
-  for (int pass = 0; pass < npass; ++pass) {
-    const int digit = (hi - low + (npass - pass) - 1) / (npass - pass);  // <= max_digit
-    const int shift = hi - digit;
-    const int64_t nbins = int64_t(1) << digit;
-    const uint32_t mask = uint32_t(nbins - 1);
-    std::vector<int64_t> hist(tasks * nbins, 0);
-    run_tasks(nchunks, tasks, parallel, [&](int64_t t, int64_t cb, int64_t ce) {
-      int64_t* h = hist.data() + t * nbins;
-      for (int64_t c = cb; c < ce; ++c) {
-        const Chunk& ch = chunks[c];
-        const Src& s = srcs[ch.src];
-        dispatch_dt(s.dt, [&](auto dtc) {
-          constexpr int DT = decltype(dtc)::value;
-          for (int64_t i = ch.begin; i < ch.end; ++i) {
-            uint32_t key = key_at<DT>(s.p, i);
-            if ((key >> pshift) == prefix) h[(key >> shift) & mask]++;
-          }
-        });
-      }
-    });
-    for (int64_t t = 1; t < tasks; ++t)
-      for (int64_t b = 0; b < nbins; ++b) hist[b] += hist[t * nbins + b];
-    int64_t b = 0;
-    while (b < nbins - 1 && hist[b] < k) k -= hist[b++];
-    prefix = (prefix << digit) | uint32_t(b);
-    pshift = shift;
-    hi = shift;
-  }
-  return prefix << low;
-}
 
 // ------------------------------------------------------------------- mask update
 namespace {
@@ -82,19 +23,9 @@ namespace {
 // the largest |h| pattern whose value is <= thr (-1: all finite kept; NaN thr: none).
 template <int DT>
 int32_t half_cut(float thr) {
-  const int32_t inf = DT == kBF16 ? 0x7f80 : 0x7c00;
   if (std::isnan(thr)) return 0x7fff;
-  auto val = [](int32_t a) {
-    return DT == kBF16 ? bits_f32(uint32_t(a) << 16)
-                       : c10::detail::fp16_ieee_to_fp32_value(uint16_t(a));
-  };
-  if (!(val(0) <= thr)) return -1;
-  int32_t lo = 0, hi = inf;  // val(lo) <= thr; find the largest such
-  while (lo < hi) {
-    int32_t mid = (lo + hi + 1) / 2;
-    if (val(mid) <= thr) lo = mid; else hi = mid - 1;
-  }
-  return lo;
+  if (thr < 0) return -1;  // -inf (k == 0)
+  return domain_from<DT>((f32_bits(thr) & 0x7fffffffu) + 1) - 1;
 }
 
 // Keep bits of 64 consecutive entries starting at p (entry j -> bit j).

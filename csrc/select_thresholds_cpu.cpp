@@ -19,7 +19,7 @@
 // the exact level one. An exact window of more than max(4096, n/64) entries (massive
 // ties, e.g. most weights exactly zero) is finished by the radix select over its bits
 // (one or two more reads). Masks, thresholds, ties and the NaN/Inf rule are the reference's
-// (python/worm/reference.py) exactly; tests/test_sample_plan.py drives every path.
+// (python/worm/ops/) exactly; tests/ops/test_sample_plan.py drives every path.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -80,20 +80,6 @@ struct Seg {
 struct Cut {
   int32_t keep_m1, cand_m1, bad_m1;
 };
-
-// Smallest a of the tensor's domain whose key is >= key32 (key32 <= kInfKey).
-template <int DT>
-int32_t domain_from(uint32_t key32) {
-  if constexpr (DT == kF32) return int32_t(key32);
-  if constexpr (DT == kBF16) return int32_t((key32 + 0xffffu) >> 16);
-  int32_t lo = 0, hi = 0x7c00;  // key(0x7c00) == kInfKey >= key32
-  while (lo < hi) {
-    int32_t mid = (lo + hi) / 2;
-    const uint16_t h = uint16_t(mid);
-    if (key_at<kF16>(&h, 0) >= key32) hi = mid; else lo = mid + 1;
-  }
-  return lo;
-}
 
 template <int DT>
 Cut cut_of(const Seg& sg) {
@@ -715,8 +701,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_mask_cpu(at::TensorList te
   int64_t nbytes = 0;
   for (const auto& t : tensors) nbytes += packed_nbytes(t.numel());
   check_window(window, head, nbytes, dev);
-  TORCH_CHECK(window.size(0) <= 64, "worm: sample_mask_ takes at most 64 window rows, got ",
-              window.size(0));
+  TORCH_CHECK(window.size(0) <= kSampleMaxRows, "worm: the fused sample_mask_ takes at most ",
+              kSampleMaxRows, " window rows, got ", window.size(0));
   const auto srcs = make_srcs(tensors);
   auto segs = make_segs(srcs, ks, global);
   const int64_t T = tensors.size(), L = window.size(0);
@@ -737,6 +723,65 @@ std::vector<int64_t> read_plan_counters() {
 }
 
 }  // namespace
+
+// Declared in cpu_keys.h. Each pass takes one digit of the bits below the resolved
+// prefix and counts only keys that share the prefix.
+uint32_t radix_select(const std::vector<Src>& srcs, int64_t k, bool parallel,
+                      uint32_t start_prefix, int below) {
+  int64_t total = 0;
+  bool all_bf16 = true, all_f16 = true;
+  for (const auto& s : srcs) {
+    total += s.n;
+    all_bf16 &= s.dt == kBF16;
+    all_f16 &= s.dt == kF16;
+  }
+  // bf16 and fp16 keys have zero low bits: fewer digits to resolve.
+  const int low = std::min(below, all_bf16 ? 16 : (all_f16 ? 13 : 0));
+  // small sets: small histograms; large ones: two passes (the first with 64 Ki bins)
+  const int max_digit = total < 4096 ? 8 : (total >= (int64_t(1) << 22) ? 16 : 11);
+  const int nbits = below - low;
+  const int npass = (nbits + max_digit - 1) / max_digit;
+  if (npass == 0) return start_prefix << below;
+
+  const int64_t chunk = 1 << 16;
+  auto chunks = make_chunks(srcs, chunk);
+  const int64_t nchunks = chunks.size();
+  parallel = parallel && total >= kMinParallelEntries;
+  const int64_t tasks = parallel ? std::min<int64_t>(at::get_num_threads(), nchunks) : 1;
+
+  uint32_t prefix = start_prefix;  // the digits chosen so far
+  int pshift = below;              // keys match when (key >> pshift) == prefix
+  int hi = below;
+  for (int pass = 0; pass < npass; ++pass) {
+    const int digit = (hi - low + (npass - pass) - 1) / (npass - pass);  // <= max_digit
+    const int shift = hi - digit;
+    const int64_t nbins = int64_t(1) << digit;
+    const uint32_t mask = uint32_t(nbins - 1);
+    std::vector<int64_t> hist(tasks * nbins, 0);
+    run_tasks(nchunks, tasks, parallel, [&](int64_t t, int64_t cb, int64_t ce) {
+      int64_t* h = hist.data() + t * nbins;
+      for (int64_t c = cb; c < ce; ++c) {
+        const Chunk& ch = chunks[c];
+        const Src& s = srcs[ch.src];
+        dispatch_dt(s.dt, [&](auto dtc) {
+          constexpr int DT = decltype(dtc)::value;
+          for (int64_t i = ch.begin; i < ch.end; ++i) {
+            uint32_t key = key_at<DT>(s.p, i);
+            if ((key >> pshift) == prefix) h[(key >> shift) & mask]++;
+          }
+        });
+      }
+    });
+    for (int64_t t = 1; t < tasks; ++t)
+      for (int64_t b = 0; b < nbins; ++b) hist[b] += hist[t * nbins + b];
+    int64_t b = 0;
+    while (b < nbins - 1 && hist[b] < k) k -= hist[b++];
+    prefix = (prefix << digit) | uint32_t(b);
+    pshift = shift;
+    hi = shift;
+  }
+  return prefix << low;
+}
 
 TORCH_LIBRARY_FRAGMENT(worm_native, m) {
   // [sampled windows that held the k-th key, that missed it, level-two overflows,
