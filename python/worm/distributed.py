@@ -31,12 +31,13 @@ from . import param_identity
 from .collective import RankFailure
 from .dtensor import is_dtensor, local, local_numel
 from .dtensor import world as _replicated_world
+from .shard_select import kth_smallest
 from .sharded_window import ShardedMaskWindow, layout_name, shard_layout, sharded_window
 
 __all__ = ["is_dtensor", "local", "local_numel", "sharded_window", "ShardedMaskWindow", "full_masks",
            "distribute_like", "check_replicated_window", "RankFailure", "CheckpointError",
            "check_replicas", "replicas_agree", "sgd_step_", "bind", "before_sample", "save", "load", "layout_of",
-           "bytes_per_sample"]
+           "bytes_per_sample", "kth_smallest", "counter_dtype"]
 
 # Debug: every sampling step on replicated (DDP) parameters checks the ranks agree.
 check_replicas = os.environ.get("WORM_CHECK_REPLICAS", "") not in ("", "0")
@@ -45,6 +46,11 @@ check_replicas = os.environ.get("WORM_CHECK_REPLICAS", "") not in ("", "0")
 def _dist():
     import torch.distributed as dist
     return dist
+
+
+def counter_dtype(largest_selection: int) -> torch.dtype:
+    """The histogram counters' dtype (kept for callers of the old radix select: int64)."""
+    return torch.int64
 
 
 def bytes_per_sample(numels, scope: str, window: int) -> int:

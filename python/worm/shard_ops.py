@@ -67,6 +67,7 @@ def _sampled(n: int, stride: int) -> torch.Tensor:
 def key_histogram(tensors, segment, lo, hi, shift, bins: int, stride: int = 1) -> torch.Tensor:
     """int64 [S, bins + 2]: per segment the in-range histogram, then below-lo, then NaN/Inf."""
     if native(tensors):
+        tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
         return torch.ops.worm_native.key_histogram(list(tensors), list(segment), list(lo), list(hi),
                                                    list(shift), bins, stride)
     S = len(lo)

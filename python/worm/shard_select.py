@@ -37,7 +37,7 @@ import torch
 from .collective import Collective
 from .shard_ops import key_histogram, window_fix_, window_split_
 
-__all__ = ["sample_sharded", "SAMPLE_MIN", "EXACT_CAP"]
+__all__ = ["sample_sharded", "kth_smallest", "SAMPLE_MIN", "EXACT_CAP"]
 
 SAMPLE_MIN = 1 << 19    # smaller selections: exact level one
 EXACT_CAP = 1 << 16     # an exact window this small goes to level two
@@ -247,3 +247,67 @@ def _commit(step, t, counts, before_commit):
                        dtype=torch.int32).view(torch.float32)
     thr = torch.where(torch.tensor([k == 0 for k in step.ks]), torch.full_like(thr, -math.inf), thr)
     return counts, thr
+
+
+def kth_smallest(segments, ks, group=None, extra=None, device=None, dtype=torch.int64):
+    """The k-th smallest (1-indexed) of each segment's multiset, summed over ``group``.
+
+    ``segments[s]``: this rank's tensors of selection ``s`` (scores: fp32 finite >= 0, or
+    any float dtype, scored as ``|w|`` in fp32; may be empty). ``ks[s]``: k over the whole
+    (all-rank) segment; 0 gives ``-inf``. ``group=False``: this process alone. Exact
+    key-histogram passes of 11 bits (:func:`worm.shard_ops.key_histogram`), each
+    all-reduced; ``extra`` (integers) rides along with the first and comes back summed.
+    ``dtype`` is accepted for compatibility (the passes count in int64). Returns (fp32
+    [S] thresholds, summed extra).
+    """
+    from .dtensor import world
+    S = len(segments)
+    tensors = [t for seg in segments for t in seg]
+    seg_of = [s for s, seg in enumerate(segments) for _ in seg]
+    if not tensors:
+        tensors, seg_of = [torch.zeros(0, device=device)], [0]
+    if group is False:
+        n_ranks = 1
+    else:
+        n_ranks = world() if group is None else (n_ranks_of(group) or world())
+    coll = Collective(None if group is False else group, n_ranks, "kth_smallest")
+    bins = 2048
+    lo, hi = [0] * S, [_TOP] * S
+    extra_n = 0 if extra is None else extra.numel()
+    summed = None
+    first = True
+    while True:
+        todo = [s for s in range(S) if ks[s] and hi[s] - lo[s] > 1]
+        if not todo and not first:
+            break
+        qlo = [lo[s] if s in todo else 0 for s in range(S)]
+        qhi = [hi[s] if s in todo else 0 for s in range(S)]
+        shift = [_shift_for(qhi[s] - qlo[s], bins) for s in range(S)]
+
+        def local():
+            h = key_histogram(tensors, seg_of, qlo, qhi, shift, bins, 1).reshape(-1).cpu()
+            return torch.cat([h, extra.reshape(-1).cpu().long()]) if first and extra_n else h
+
+        out = coll.reduce(S * (bins + 2) + (extra_n if first else 0), local)
+        if first and extra_n:
+            summed, out = out[S * (bins + 2):], out[:S * (bins + 2)]
+        first = False
+        h = out.view(S, bins + 2).tolist()
+        for s in todo:
+            b, _ = _bin_of(h[s][:bins], ks[s], h[s][bins])
+            lo[s], hi[s] = lo[s] + (b << shift[s]), min(hi[s], lo[s] + ((b + 1) << shift[s]))
+    thr = torch.tensor(lo, dtype=torch.int32).view(torch.float32)
+    thr = torch.where(torch.tensor([k == 0 for k in ks]), torch.full_like(thr, -math.inf), thr)
+    if device is not None:
+        thr = thr.to(device)
+    if summed is not None:
+        summed = summed.to(extra.device)
+    return thr, summed
+
+
+def n_ranks_of(group):
+    import torch.distributed as dist
+    try:
+        return dist.get_world_size(group)
+    except Exception:  # noqa: BLE001 - not a group of this process
+        return None
