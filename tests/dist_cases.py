@@ -423,9 +423,9 @@ def check_layouts(rank, world, ckpt_dir, saved_by=None):
             wd.save({"search": s.state_dict()}, path)
             weights = full_params(model)
             s.step()
+            mask = packed_full(s)  # gathers on FSDP2: every rank takes part
             if rank == 0:
-                torch.save({"weights": weights, "history": history(s), "mask": packed_full(s)},
-                           path + ".expect")
+                torch.save({"weights": weights, "history": history(s), "mask": mask}, path + ".expect")
             dist.barrier()
         else:
             path = os.path.join(ckpt_dir, f"{'fsdp2' if src_sharded else 'plain'}_w{saved_by}")
