@@ -63,7 +63,7 @@ class _LocalRep(Entries):
         self.numel = math.prod(self.shape)
 
     def _source(self) -> torch.Tensor:
-        return local(self.rep.param)
+        return local(self.rep._source())
 
     def _slice(self) -> Optional[tuple]:
         return self.local_index
@@ -142,6 +142,14 @@ class ShardedMaskWindow(MaskWindow):
         self.precheck = None    # () -> None, raises: run inside the step's first all-reduce
         self._bits = None       # (row, bits) built by the last step
 
+
+    def kept_count(self, row: Optional[int] = None) -> torch.Tensor:
+        """Entries the row keeps on every rank together (one small all-reduce)."""
+        import torch.distributed as dist
+        n = super().kept_count(row)
+        if self.world > 1:
+            dist.all_reduce(n, op=dist.ReduceOp.SUM, group=self.group)
+        return n
 
     # ---------------------------------------------------------------- sampling
     def push(self, ks, scope: str) -> torch.Tensor:

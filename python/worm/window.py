@@ -102,6 +102,14 @@ class MaskWindow:
         return [c[(head + j) % self.length] / self.numel for j in range(1, self.length)]
 
     # ----------------------------------------------------------------- results
+    def kept_count(self, row: Optional[int] = None) -> torch.Tensor:
+        """Entries a row (default: the newest) keeps, as a 0-d int64 tensor on the device
+        (padding bits are 0, so this is the row's popcount)."""
+        row = self.newest_row() if row is None else row
+        table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64,
+                             device=self.ring.device)
+        return table[self.ring[row].long()].sum()
+
     def segment(self, row: int, i: int) -> torch.Tensor:
         return self.ring[row, self.offsets[i]:self.offsets[i + 1]]
 

@@ -239,14 +239,17 @@ def test_second_search_on_the_same_params_is_refused(kind):
     worm.EarlyBird(m, opt, mode="worm")  # closed: its params are free again
 
 
-def test_a_dropped_search_frees_its_params():
+def test_a_dropped_search_keeps_truncating_and_holds_its_params():
+    # the optimizer holds what it needs (as torch's own hooks do): a search not kept in
+    # a variable keeps truncating, so its parameters stay taken until close()
     m = _cnn()
     opt = torch.optim.AdamW(m.parameters())
     worm.EarlyBird(m, opt, mode="truncate").step()  # dropped at once
     import gc
     gc.collect()
-    s = worm.EarlyBird(m, opt, mode="truncate")
-    assert s is not None
+    assert opt._worm_truncation.active
+    with pytest.raises(ValueError, match="already truncated by an EarlyBird search"):
+        worm.EarlyBird(m, opt, mode="truncate")
 
 
 def test_p_grad_after_step_is_the_raw_gradient_on_every_backend(backend):
