@@ -82,7 +82,7 @@ def bind(search) -> None:
         w.precheck = search._check_params
         w.agree_on = lambda: [("the search's truncating flag", int(search.truncating)),
                               ("the search's found flag", int(search.found)),
-                              ("the optimizer steps seen", search._opt_steps)]
+                              ("the optimizer steps seen", _steps_seen(search))]
         w.prebuild_bits = search.mode != "eb"
 
 
@@ -91,6 +91,11 @@ def before_sample(search) -> None:
     window checks inside its first all-reduce, so all ranks raise together)."""
     if not isinstance(search._window, ShardedMaskWindow):
         search._check_params()
+
+
+def _steps_seen(search) -> int:
+    steps = getattr(search, "_steps", None)  # worm.step_counter.UpdatedSteps
+    return int(steps.count) if steps is not None else int(getattr(search, "_opt_steps", 0))
 
 
 class CheckpointError(RuntimeError):
