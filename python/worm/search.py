@@ -27,7 +27,7 @@ from torch import nn
 
 from . import distributed as _dist
 from . import reference as _ref
-from .decision import MODES, decide, summarize
+from .decision import MODES, Trace, check_delta, check_stop, decide, summarize
 from .layers import select
 from .step_counter import UpdatedSteps
 from .truncation import WHERE, GradTruncation, is_number
@@ -91,6 +91,8 @@ class EarlyBird:
         every: sample automatically every ``every`` optimizer steps that updated the
             weights (a step post-hook; GradScaler's skipped steps do not count); None:
             the caller calls :meth:`step` at each sampling point.
+            ``stop="auto"`` / ``delta="auto"``: the threshold-free rules of docs/method.md;
+            delta None (the default) is 0.05 with a number s and "auto" with stop="auto".
         l1: network slimming (EB's recipe, 1e-4 there): ``g = trunc(g) + l1*sign(w)`` on
             the representative weights at every optimizer step until :meth:`close`
             (not on BN biases; on Q/K weights when they are the set). 0 (the default)
@@ -108,7 +110,7 @@ class EarlyBird:
 
     def __init__(self, model: Optional[nn.Module], optimizer: Optional[torch.optim.Optimizer] = None,
                  mode: str = "worm", layers="bn", prune_ratio: float = 0.5, window: int = 5,
-                 stop: float = 0.1, delta: float = 0.05, r: float = 3e-3, scope: str = "global",
+                 stop=0.1, delta=None, r: float = 3e-3, scope: str = "global",
                  every: Optional[int] = None, l1: float = 0.0, truncate_at: str = "step"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -118,8 +120,8 @@ class EarlyBird:
             raise ValueError(f"truncate_at must be one of {WHERE}, got {truncate_at!r}")
         # Every argument is checked here, before anything is built or hooked.
         window = _positive_int("window", window, 2, "distances need an older mask")
-        stop = _finite("stop (s)", stop, 0.0, lo_ok=False)
-        delta = _finite("delta", delta, 0.0, lo_ok=True)
+        stop = check_stop(stop)
+        delta = check_delta(delta, stop)
         l1 = _finite("l1", l1, 0.0, lo_ok=True)
         if every is not None:
             every = _positive_int("every", every, 1, "optimizer steps between samples; None: call step()")
@@ -157,6 +159,7 @@ class EarlyBird:
         self.window = self._window.length
         self._steps = UpdatedSteps(self.params, every or 1)
         self._closed = False
+        self._trace = Trace()  # what stop/delta="auto" read of the history
         self.found = False
         self.truncating = False
         self.history: list = []
@@ -261,14 +264,16 @@ class EarlyBird:
         try:
             dists = w.distances(w.push(self._ks, self.scope))
             _dist.check_replicated_window(w)  # DDP, debug only: do the ranks agree?
+            trace = self._trace.push(dists, w.numel)
             found, truncating = decide(dists, mode=self.mode, stop=self.stop,
-                                       delta=self.delta, truncating=self.truncating)
+                                       delta=self.delta, truncating=self.truncating,
+                                       numel=w.numel, trace=trace, prune_ratio=self.prune_ratio)
             self._apply_truncation(truncating)
         except BaseException:
             w.ring[head].copy_(saved)
             w.count = count
             raise
-        self.found, self.truncating = found, truncating
+        self.found, self.truncating, self._trace = found, truncating, trace
         d_max, d_avg = summarize(dists) if dists is not None else (None, None)
         pruned = self._pruned_share()
 
@@ -355,8 +360,8 @@ class EarlyBird:
         theirs = sd.get("config", {})
         # Everything is checked and parsed before anything changes.
         theirs = {"l1": 0.0, **theirs}  # states saved before l1 existed had none
-        stop = _finite("stop (s)", theirs.get("stop"), 0.0, lo_ok=False)
-        delta = _finite("delta", theirs.get("delta"), 0.0, lo_ok=True)
+        stop = check_stop(theirs.get("stop"))
+        delta = check_delta(theirs.get("delta"), stop)
         r = _check_worm_r(theirs.get("r"))
         # stop/delta/r too: the constructor's values are the caller's intent, a saved
         # state that differs is refused rather than silently replacing them
@@ -388,6 +393,7 @@ class EarlyBird:
         if count != len(history) or (history and history[-1].index != count):
             raise ValueError(f"cannot load search state: count {count!r} does not match its history "
                              f"of {len(history)} sampling steps (a corrupt or edited state dict)")
+        trace = Trace.replay([h.distances for h in history], self.numel)
         opt_steps, found, truncating = int(opt_steps), bool(sd["found"]), bool(sd["truncating"])
         w = self._window
         old_ring, old_count, old_r = w.ring.clone(), w.count, self.r
@@ -402,4 +408,4 @@ class EarlyBird:
         self.stop, self.delta = stop, delta
         self._steps.settle()
         self._steps.count, self.found, self.truncating = opt_steps, found, truncating
-        self.history = history
+        self.history, self._trace = history, trace

@@ -152,3 +152,13 @@ def test_defaults_match_the_paper():
     # the width default is the tiny CNN's only: ResNet-18 stays at full width
     assert cli._cnn_config(cli._parser().parse_args(["compare", "--model", "resnet18"])).width == 1.0
     assert cli._cnn_config(cli._parser().parse_args(["compare", "--width", "0.5"])).width == 0.5
+
+
+def test_compare_stop_auto_end_to_end(tmp_path, capsys):
+    """--stop auto reaches the searches (delta auto with it) and the outputs are whole
+    (the plot has no s line to draw)."""
+    out = tmp_path / "auto"
+    assert cli.main(["compare", *TINY, "--stop", "auto", "--out", str(out)]) == 0
+    capsys.readouterr()
+    rec, _ = _check_outputs(out, ["EB Train", "WORM"], 2)
+    assert (rec["config"]["stop"], rec["config"]["delta"]) == ("auto", "auto")

@@ -99,3 +99,22 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"worm {worm.__version__}"
+
+
+def test_stop_auto_takes_delta_auto():
+    a = cli._parser().parse_args(["compare", "--stop", "auto"])
+    cfg = cli._cnn_config(a)
+    assert (cfg.stop, cfg.delta) == ("auto", "auto")
+    a = cli._parser().parse_args(["compare", "--delta", "auto"])
+    assert (cli._cnn_config(a).stop, cli._cnn_config(a).delta) == (0.1, "auto")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--stop", "auto", "--delta", "0.05"], "--stop auto has no s: use --delta auto"),
+    (["--stop", "1"], "--stop: 1 is outside (0, 1)"),
+    (["--stop", "Auto"], "is not a number"),
+    (["--delta", "automatic"], "is not a number"),
+])
+def test_stop_and_delta_auto_refusals(argv, says, capsys):
+    line = _refused(capsys, ["compare", *argv, "--quiet"])
+    assert says in line, line

@@ -48,6 +48,14 @@ def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False, what=""):
     return parse
 
 
+def _or_auto(parse):
+    """An argparse type: the word ``auto`` (the threshold-free rule), else ``parse``."""
+    def parse_auto(text):
+        return "auto" if text == "auto" else parse(text)
+    parse_auto.__name__ = parse.__name__
+    return parse_auto
+
+
 _POS_INT = _number(int, 1)
 _NONNEG_INT = _number(int, 0)
 _POS_FLOAT = _number(float, 0, lo_open=True)
@@ -84,8 +92,11 @@ def _add_common(p: argparse.ArgumentParser, text: bool) -> None:
     g.add_argument("--prune-ratio", type=_number(float, 0, 1, hi_open=True), default=0.5)
     g.add_argument("--window", type=_number(int, 2, what="distances need an older mask"), default=None,
                    help="5 for CNNs, 3 for text")
-    g.add_argument("--stop", type=_POS_FLOAT, default=None, help="s: 0.1 for CNNs, 0.01 for text")
-    g.add_argument("--delta", type=_NONNEG_FLOAT, default=None, help="0.05 for CNNs, 0.005 for text")
+    g.add_argument("--stop", type=_or_auto(_number(float, 0, 1, lo_open=True, hi_open=True)), default=None,
+                   help="s: 0.1 for CNNs, 0.01 for text; auto: no threshold (docs/method.md)")
+    g.add_argument("--delta", type=_or_auto(_NONNEG_FLOAT), default=None,
+                   help="0.05 for CNNs, 0.005 for text; auto: truncate at d_avg's elbow "
+                        "(the default with --stop auto)")
     g.add_argument("--r", type=_number(float, 0, 1, what="truncation factor"), default=3e-3,
                    help="truncation factor r in [0, 1] (default 3e-3)")
     g.add_argument("--l1", type=_NONNEG_FLOAT, default=None,
@@ -128,6 +139,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("backend", help="which kernel backend runs on this machine")
     ap.commands = sub.choices  # name -> subparser, for errors found after parsing
     return ap
+
+
+def _stop_delta(ap, a, defaults) -> tuple:
+    """(stop, delta): the flags, else the defaults; --stop auto takes delta auto too."""
+    stop = _given(a.stop, defaults["stop"])
+    if stop == "auto" and a.delta not in (None, "auto"):
+        ap.error(f"--delta {a.delta} is a margin over s, and --stop auto has no s: "
+                 "use --delta auto or leave it out")
+    return stop, _given(a.delta, "auto" if stop == "auto" else defaults["delta"])
 
 
 def _given(value, default):
@@ -214,8 +234,8 @@ def _cnn_config(a):
         batch_size=_given(a.batch_size, d.batch_size), lr=_given(a.lr, d.lr), momentum=a.momentum,
         prune_ratio=a.prune_ratio,
         window=_given(a.window, CNN_DEFAULTS["window"]),
-        stop=a.stop if a.stop is not None else CNN_DEFAULTS["stop"],
-        delta=a.delta if a.delta is not None else CNN_DEFAULTS["delta"],
+        stop=_given(a.stop, CNN_DEFAULTS["stop"]),
+        delta=_given(a.delta, "auto" if a.stop == "auto" else CNN_DEFAULTS["delta"]),
         r=a.r, threads=a.threads, progress=not a.quiet,
         l1=a.l1 if a.l1 is not None else CNN_DEFAULTS["l1"], max_pruning_ratio=a.floor)
 
@@ -255,8 +275,7 @@ def _compare(a, ap) -> int:
         from .experiments_text import plot_losses, run_text_compare
         kw = dict(task=a.task, seeds=tuple(a.seeds), progress=not a.quiet,
                   window=_given(a.window, TEXT_DEFAULTS["window"]),
-                  stop=a.stop if a.stop is not None else TEXT_DEFAULTS["stop"],
-                  delta=a.delta if a.delta is not None else TEXT_DEFAULTS["delta"],
+                  **dict(zip(("stop", "delta"), _stop_delta(ap, a, TEXT_DEFAULTS))),
                   r=a.r, prune_ratio=a.prune_ratio)
         for key, val in (("n_train", n_train), ("n_test", n_test), ("max_epochs", a.max_epochs),
                          ("batch_size", a.batch_size), ("lr", a.lr),
@@ -276,6 +295,7 @@ def _compare(a, ap) -> int:
         out = _out_dir(a, "compare", a.task)
         _write(result, out, [(plot_losses, "loss.png"), (plot_distances, "distances.png")])
         return 0
+    _stop_delta(ap, a, CNN_DEFAULTS)
     cfg = _cnn_config(a)
     print(f"worm compare: {cfg.model} (width {cfg.width}) on {cfg.dataset}"
           f"{f', {cfg.train_subset} train images' if cfg.train_subset else ''}, seeds {list(cfg.seeds)}, "
@@ -290,6 +310,7 @@ def _compare(a, ap) -> int:
 def _sweep(a, ap) -> int:
     _check_cnn_flags(ap, a)
     from .experiments import plot_distances, sweep_r
+    _stop_delta(ap, a, CNN_DEFAULTS)
     cfg = _cnn_config(a)
     result = sweep_r(cfg, tuple(a.rs))
     out = _out_dir(a, "sweep-r", f"{cfg.dataset}-{cfg.model}")

@@ -383,9 +383,9 @@ def plot_distances(result: dict, path) -> None:
             labelled.add("found")
     stop, delta = cfg.get("stop"), cfg.get("delta")
     for ax, key in zip(axes, ("d_max", "d_avg")):
-        if stop is not None:
+        if isinstance(stop, (int, float)):  # "auto" has no line to draw
             ax.axhline(stop, color="k", ls="--", lw=1, label=f"stop s = {stop:g}")
-        if key == "d_avg" and delta is not None:
+        if key == "d_avg" and isinstance(stop, (int, float)) and isinstance(delta, (int, float)):
             ax.axhline(stop + delta, color="gray", ls=":", lw=1, label=f"trigger s + δ = {stop + delta:g}")
         ax.set_xlabel("sampling step" if cfg.get("every") else "epoch (sampling step)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
