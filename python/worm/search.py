@@ -160,6 +160,7 @@ class EarlyBird:
         self.device = self.reps[0].param.device
         # FSDP2-sharded sets get a window over their local shards (worm.distributed)
         self._window = _dist.sharded_window(self.reps, window) or MaskWindow(self.reps, window, self.device)
+        _dist.bind(self)  # parameter identity checks; a sharded window agrees on the search state
         self.window = self._window.length
         self._steps = UpdatedSteps(self.params, every or 1)
         self._closed = False
@@ -261,6 +262,7 @@ class EarlyBird:
         if self.found:
             return self.history[-1]
         t0 = time.perf_counter()
+        _dist.before_sample(self)  # still the model's parameters? (sharded: inside the step)
         w = self._window
         head, count = w.count % w.length, w.count
         saved = w.ring[head].clone()  # a failed step leaves the window as it was
@@ -356,10 +358,8 @@ class EarlyBird:
                 "shapes": [list(rep.shape) for rep in self.reps]}
 
     def state_dict(self) -> dict:
-        history = [asdict(h) for h in self.history]
-        if isinstance(self._window, _dist.ShardedMaskWindow):
-            # torch.distributed.checkpoint wants a fixed key set: a growing list goes as text
-            history = json.dumps(history)
+        # text: torch.distributed.checkpoint wants a fixed key set in every layout
+        history = json.dumps([asdict(h) for h in self.history])
         return {"version": 1, "config": self._config(), **self._window.state(),
                 "opt_steps": self._steps.settle(), "found": self.found,
                 "truncating": self.truncating, "history": history}
@@ -411,7 +411,7 @@ class EarlyBird:
         opt_steps, found, truncating = int(opt_steps), bool(sd["found"]), bool(sd["truncating"])
         w = self._window
         old_ring, old_count, old_r = w.ring.clone(), w.count, self.r
-        w.load(sd["ring"], sd["count"])  # checks the buffer before writing
+        w.load(sd["ring"], sd["count"], saved=sd.get("layout", "an older worm"))  # checks first
         self.r = r
         try:
             self._apply_truncation(truncating and w.count > 0)

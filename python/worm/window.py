@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import ops
+from . import ops, window_state
 from .packing import byte_offsets, pack_flat, unpack
 from .rep import RepTensor
 
@@ -162,9 +162,13 @@ class MaskWindow:
 
     # ------------------------------------------------------------- state dict
     def state(self) -> dict:
-        return {"ring": self.ring.clone().cpu(), "count": self.count}
+        """The saved form of :mod:`worm.window_state`, the same in every layout."""
+        return {"ring": window_state.plain_state(self), "count": self.count,
+                "layout": window_state.plain_layout()}
 
-    def load(self, ring: torch.Tensor, count: int) -> None:
+    def load(self, ring, count: int, saved: str = "another search") -> None:
+        if isinstance(ring, dict):  # any layout's saved ring (older states: the flat ring)
+            ring = window_state.plain_ring(self, ring, saved, window_state.plain_layout())
         if ring.shape != self.ring.shape or ring.dtype != torch.uint8:
             raise ValueError(f"cannot load search state: window buffer {tuple(ring.shape)} "
                              f"{ring.dtype}, expected {tuple(self.ring.shape)} uint8")
