@@ -20,7 +20,7 @@ from setuptools import setup
 
 # One file per op it implements (sample_mask_ is the select's plan with a window).
 CPU_SOURCES = ["csrc/register.cpp", "csrc/select_thresholds_cpu.cpp", "csrc/mask_update_cpu.cpp",
-               "csrc/sgd_step_cpu.cpp"]
+               "csrc/sgd_step_cpu.cpp", "csrc/shard_select_cpu.cpp"]
 CUDA_SOURCES = ["csrc/ops_cuda.cu"]
 
 

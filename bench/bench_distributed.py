@@ -2,9 +2,9 @@
 
     python3 bench/bench_distributed.py --world 2 --time bert_base_qk --out bench/results
 
-Counted (no processes needed): the payload one rank all-reduces per sampling step
-(4 radix passes x 256 int32 bins per selection, NaN/Inf counts, the window's XOR
-counts) and the wire bytes a ring all-reduce moves per rank for it (2 (W-1)/W x
+Counted (no processes needed): the payload one rank all-reduces in a typical sampling
+step (worm.distributed.bytes_per_sample: two sampled level-one histograms, level two's
+counts and collected-key histogram, the commit) and the wire bytes a ring all-reduce moves per rank for it (2 (W-1)/W x
 payload), against the bytes one rank receives to all-gather the weights ((W-1)/W x N
 x 4 for fp32, x 2 for bf16), which is what a pruner that concatenates the set on one
 device needs before it can even select.
@@ -12,7 +12,8 @@ device needs before it can even select.
 Timed (``--time SET ...``): W gloo processes on CPU hold the set sharded on dim 0 as
 DTensors; ``EarlyBird.step()`` (exact select + mask update, window 5) against the
 gather-based way (all-gather every shard, then one process's select and mask update
-on the full tensors). The measured all-reduce payload is checked against the count.
+on the full tensors). bench_sharded_scaling.py times the step against one process's
+step on the rank's own shard over 1M..270M entries, with peak memory.
 """
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def search_for(model, opt, kind, mode, scope):
 def train(model, opt, search, kind, steps, start=0, every=2, record=None):
     for i in range(start, start + steps):
         x, y = batch(kind, i)
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -127,8 +127,8 @@ def full_params(model) -> list:
     return [p.full_tensor() if wd.is_dtensor(p) else p.detach() for p in model.parameters()]
 
 
-def run(kind, mode, scope, opt_name, sharded, steps=8):
-    model = KINDS[kind][0]()
+def run(kind, mode, scope, opt_name, sharded, steps=8, dtype=torch.float32):
+    model = KINDS[kind][0]().to(dtype)
     if sharded:
         shard(model)
     opt = make_opt(model, opt_name)
@@ -151,10 +151,11 @@ def worker(rank, world, port, jobs):
 
 
 def check_equal_to_one_process(rank, world, cases):
-    for kind, mode, scope, opt_name in cases:
-        what = f"{kind}/{mode}/{scope}/{opt_name} on {world} ranks"
-        m1, s1, k1 = run(kind, mode, scope, opt_name, sharded=False)
-        m2, s2, k2 = run(kind, mode, scope, opt_name, sharded=True)
+    for kind, mode, scope, opt_name, *dtype in cases:
+        dtype = dtype[0] if dtype else torch.float32
+        what = f"{kind}/{mode}/{scope}/{opt_name}/{dtype} on {world} ranks"
+        m1, s1, k1 = run(kind, mode, scope, opt_name, sharded=False, dtype=dtype)
+        m2, s2, k2 = run(kind, mode, scope, opt_name, sharded=True, dtype=dtype)
         assert isinstance(s2._window, wd.ShardedMaskWindow), what
         assert history(s1) == history(s2), f"{what}: history differs"
         assert len(k1) == len(k2) and all(torch.equal(a, b) for a, b in zip(k1, k2)), \
@@ -285,3 +286,173 @@ def _wormsgd_equals_sgd_with_hooks(flags):
             opt.step()
     for a, b in zip(full_params(models[0]), full_params(models[1])):
         assert torch.equal(a, b), f"WormSGD{flags} on FSDP2 differs from SGD + hooks"
+
+
+# ------------------------------------------------- issue 22: dtypes, drift, layouts
+def _mesh(world):
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cpu", (world,))
+
+
+def _sharded_like(fulls, mesh, dtypes=None):
+    """Parameters holding ``fulls`` (the same on every rank) sharded on dim 0 over mesh."""
+    from torch.distributed.tensor import DTensor, Shard
+    out = []
+    for i, full in enumerate(fulls):
+        chunk = -(-full.shape[0] // mesh.size())
+        a = min(mesh.get_local_rank() * chunk, full.shape[0])
+        b = min(a + chunk, full.shape[0])
+        loc = full[a:b].clone()
+        if dtypes is not None:
+            loc = loc.to(dtypes[i])
+        out.append(nn.Parameter(DTensor.from_local(loc, mesh, [Shard(0)], run_check=False,
+                                                   shape=full.shape, stride=full.stride())))
+    return out
+
+
+def _big_sets(dtype):
+    """Sets that take each plan: >= 2^19 entries (sampled level one), small (exact), ties."""
+    g = torch.Generator().manual_seed(7)
+    big = [torch.randn(700, 800, generator=g) * torch.linspace(0.1, 3, 700)[:, None],  # rows differ
+           torch.randn(3, 5, generator=g)]
+    ties = [torch.zeros(600, 1000), torch.randn(41, generator=g).round()]
+    small = [torch.randn(13, 3, generator=g), torch.randn(2, 2, generator=g), torch.zeros(1, 1)]
+    return [[t.to(dtype) for t in s] for s in (big, ties, small)]
+
+
+def check_select_every_dtype(rank, world):
+    """Each dtype the one-process search takes: sharded masks and distances == one process's,
+    on the sampled and the exact plans (native passes on CPU), in both scopes."""
+    mesh = _mesh(world)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for fulls in _big_sets(dtype):
+            for scope in ("global", "layer"):
+                what = f"{dtype} {[tuple(f.shape) for f in fulls]} {scope} on {world} ranks"
+                params = _sharded_like(fulls, mesh)
+                plain = [nn.Parameter(f.clone()) for f in fulls]
+                s1 = worm.EarlyBird(None, None, mode="eb", layers=plain, window=3, stop=1e-9, scope=scope)
+                s2 = worm.EarlyBird(None, None, mode="eb", layers=params, window=3, stop=1e-9, scope=scope)
+                assert isinstance(s2._window, wd.ShardedMaskWindow), what
+                g = torch.Generator().manual_seed(3)
+                for step in range(4):
+                    r1, r2 = s1.step(), s2.step()
+                    assert (r1.distances, r1.d_max) == (r2.distances, r2.d_max), f"{what}: distances differ"
+                    assert torch.equal(s1.packed_mask, packed_full(s2)), f"{what}: step {step}: masks differ"
+                    with torch.no_grad():  # move some weights, the same on both sides
+                        for p1, p2 in zip(plain, params):
+                            noise = (torch.rand(p1.shape, generator=g) < 0.05).to(p1.dtype)
+                            p1.add_(noise)
+                            wd.local(p2).copy_(wd.local(wd.distribute_like(p1.detach(), p2)))
+    # NaN on one rank: every rank raises the same error, naming the tensor
+    fulls = _big_sets(torch.float32)[0]
+    fulls[1][2, 1] = float("nan")
+    s = worm.EarlyBird(None, None, mode="eb", layers=_sharded_like(fulls, mesh), window=3)
+    _raises_everywhere(s.step, ValueError, "NaN or Inf in representative tensor(s) tensor[1]")
+    # float64 on one rank only: one clear error on every rank, no collective mismatch
+    fulls = _big_sets(torch.float32)[2]
+    params = _sharded_like(fulls, mesh, [torch.float64 if rank == 0 else torch.float32] * 3)
+    s = worm.EarlyBird(None, None, mode="eb", layers=params, window=3)
+    _raises_everywhere(s.step, wd.RankFailure, "disagree on the dtype of tensor[0]")
+    assert s._window.count == 0 and not s.history
+
+
+def _raises_everywhere(fn, exc, text):
+    try:
+        fn()
+    except exc as e:
+        assert text in str(e), str(e)
+    else:
+        raise AssertionError(f"expected {exc.__name__} ({text})")
+    flag = torch.ones(1)  # the ranks are still in step: a collective after the error works
+    dist.all_reduce(flag)
+    assert flag.item() == dist.get_world_size()
+
+
+def check_ranks_cannot_drift(rank, world):
+    """A rank failing after the collectives (building its truncation bits) fails every rank
+    with one error and the same rolled-back state; the run then goes on exactly as one
+    process's. Ranks whose window counts differ refuse to sample."""
+    kind = "cnn"
+    m1, s1, k1 = run(kind, "worm", "global", "sgd", sharded=False)
+    model = shard(KINDS[kind][0]())
+    opt = make_opt(model, "sgd")
+    s2 = search_for(model, opt, kind, "worm", "global")
+    masks: list = []
+    train(model, opt, s2, kind, 4, record=masks)
+    w = s2._window
+    before = (w.ring.clone(), w.count, len(s2.history), s2.truncating, s2.found)
+    build = w._build_bits
+    if rank == world - 1:
+        def oom(row):
+            raise MemoryError("injected: out of memory building the truncation bits")
+        w._build_bits = oom
+    _raises_everywhere(s2.step, wd.RankFailure, f"failed on 1 of {world} rank(s)")
+    w._build_bits = build
+    assert torch.equal(w.ring, before[0]) and (w.count, len(s2.history), s2.truncating, s2.found) == before[1:]
+    train(model, opt, s2, kind, 4, start=4, record=masks)
+    assert history(s1) == history(s2) and all(torch.equal(a, b) for a, b in zip(k1, masks)), \
+        "after a failed step the run differs from one process's"
+    s3 = search_for(model, None, kind, "eb", "layer")
+    s3.step()
+    s3._window.count += rank == 0  # a rank out of step: refused on every rank, nothing sampled
+    _raises_everywhere(s3.step, wd.RankFailure, "disagree on the window count")
+    assert len(s3.history) == 1
+
+
+def check_stale_parameters(rank, world):
+    """A search built before fully_shard says so instead of sampling, on every rank."""
+    model = KINDS["cnn"][0]()
+    opt = make_opt(model, "sgd")
+    s = search_for(model, opt, "cnn", "eb", "global")
+    shard(model)
+    _raises_everywhere(s.step, RuntimeError, "no longer the model's parameter")
+    assert s._window.count == 0
+
+
+def _search_and_weights(sharded):
+    model = KINDS["cnn"][0]()
+    if sharded:
+        shard(model)
+    opt = make_opt(model, "sgd")
+    return model, search_for(model, opt, "cnn", "worm", "global")
+
+
+def _set_weights(model, fulls):
+    with torch.no_grad():
+        for p, f in zip(model.parameters(), fulls):
+            wd.local(p).copy_(wd.local(wd.distribute_like(f, p)) if wd.is_dtensor(p) else f)
+
+
+def check_layouts(rank, world, ckpt_dir, saved_by=None):
+    """Search state moves between FSDP2 (any world size), DDP-style replicas and one process.
+
+    Each layout trains 4 steps, saves with worm.distributed.save and loads into the other
+    layout; both then sample the same weights and must agree on everything. With
+    ``saved_by`` (a checkpoint written on another world size) only the load is checked."""
+    import os
+    for src_sharded in (True, False):
+        path = os.path.join(ckpt_dir, f"{'fsdp2' if src_sharded else 'plain'}_w{world}")
+        if saved_by is None:
+            model, s = _search_and_weights(src_sharded)
+            train(model, s.optimizer, s, "cnn", 4)
+            wd.save({"search": s.state_dict()}, path)
+            weights = full_params(model)
+            s.step()
+            mask = packed_full(s)  # gathers on FSDP2: every rank takes part
+            if rank == 0:
+                torch.save({"weights": weights, "history": history(s), "mask": mask}, path + ".expect")
+            dist.barrier()
+        else:
+            path = os.path.join(ckpt_dir, f"{'fsdp2' if src_sharded else 'plain'}_w{saved_by}")
+        expect = torch.load(path + ".expect")
+        for dst_sharded in (True, False) if dist.is_initialized() else (False,):
+            model, s2 = _search_and_weights(dst_sharded)
+            sd = {"search": s2.state_dict()}
+            wd.load(sd, path)
+            s2.load_state_dict(sd["search"])
+            _set_weights(model, expect["weights"])
+            s2.step()
+            what = f"{'FSDP2' if src_sharded else 'plain'} on {saved_by or world} -> " \
+                   f"{'FSDP2' if dst_sharded else 'plain'} on {world}"
+            assert history(s2) == expect["history"], f"{what}: history differs"
+            assert torch.equal(packed_full(s2), expect["mask"]), f"{what}: mask differs"

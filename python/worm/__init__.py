@@ -11,11 +11,12 @@ from .search import EarlyBird, Record
 from .ticket import Ticket, apply_masks, remove_masks
 from .prune import prune_channels, prune_report
 from .prune_transformer import load_pruned
+from .bn import recalibrate_bn
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ops", "reference", "backend", "backend_info", "WormSGD", "truncation_pre_hook",
     "EarlyBird", "Record", "Ticket", "apply_masks", "remove_masks", "prune_channels",
-    "prune_report", "load_pruned",
+    "prune_report", "load_pruned", "recalibrate_bn",
 ]

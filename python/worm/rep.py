@@ -3,6 +3,9 @@
 The slice case is the Q or K part of a packed QKV weight. The mask taken from a
 ``RepTensor`` has the shape of its slice; ``covers`` lists other parameters whose
 gradients the same mask truncates (a BatchNorm's bias, beside its weight).
+``live`` names where the ranked value is read when it is not the parameter itself:
+a weight behind ``torch.nn.utils.parametrize`` is ranked by its parametrized value
+(read anew at each sampling step), its gradient truncated on the parameter.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ class RepTensor(Entries):
     name: str
     index: Optional[tuple] = None
     covers: list = field(default_factory=list)
+    live: Optional[tuple] = None  # (module, attribute) whose current value is ranked
 
     @property
     def shape(self) -> torch.Size:
@@ -65,6 +69,8 @@ class RepTensor(Entries):
         return self.shape.numel()
 
     def _source(self) -> torch.Tensor:
+        if self.live is not None:
+            return getattr(*self.live)
         return self.param
 
     def _slice(self) -> Optional[tuple]:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -25,11 +27,12 @@ from torch import nn
 
 from . import distributed as _dist
 from . import reference as _ref
-from .decision import MODES, decide, summarize
+from .decision import MODES, Trace, check_delta, check_stop, decide, summarize
 from .heads import check_ratios, is_structured, parse_kinds, structured_ks
 from .layers import select
+from .step_counter import UpdatedSteps
+from .truncation import WHERE, GradTruncation, is_number
 from .ticket import Ticket, from_reps
-from .truncation import GradTruncation
 from .truncation import check_r as _check_r
 from .window import SCORED_DTYPES, MaskWindow
 
@@ -37,7 +40,7 @@ __all__ = ["EarlyBird", "Record"]
 
 
 def _finite(name: str, v, lo: float, lo_ok: bool) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if not is_number(v):
         raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     v = float(v)
     if not math.isfinite(v) or v < lo or (v == lo and not lo_ok):
@@ -45,10 +48,10 @@ def _finite(name: str, v, lo: float, lo_ok: bool) -> float:
     return v
 
 
-def _positive_int(name: str, v, least: int, why: str):
-    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+def _positive_int(name: str, v, least: int, why: str) -> int:
+    if not is_number(v) or not isinstance(v, numbers.Integral) or v < least:
         raise ValueError(f"{name} must be an integer >= {least} ({why}), got {v!r}")
-    return v
+    return int(v)
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Record:
     truncating: bool                # truncation on after this step
     found: bool
     seconds: float                  # wall time of the sampling step itself
+    pruned: Optional[float] = None  # share of the entries the mask prunes (> p with ties)
 
 
 def _check_worm_r(r) -> float:
@@ -88,32 +92,47 @@ class EarlyBird:
         layers: ``"bn"``, ``"norm"`` (every norm layer's gamma: LayerNorm, GroupNorm, ...),
             ``"qk"``, a callable ``model -> tensors`` or a list of tensors.
         prune_ratio, window, stop, delta, r, scope: docs/method.md's p, l, s, delta, r, scope.
-        every: sample automatically every ``every`` optimizer steps (a step post-hook);
-            None: the caller calls :meth:`step` at each sampling point.
+        every: sample automatically every ``every`` optimizer steps that updated the
+            weights (a step post-hook; GradScaler's skipped steps do not count); None:
+            the caller calls :meth:`step` at each sampling point.
+            ``stop="auto"`` / ``delta="auto"``: the threshold-free rules of docs/method.md;
+            delta None (the default) is 0.05 with a number s and "auto" with stop="auto".
         l1: network slimming (EB's recipe, 1e-4 there): ``g = trunc(g) + l1*sign(w)`` on
             the representative weights at every optimizer step until :meth:`close`
             (not on BN biases; on Q/K weights when they are the set). 0 (the default)
             leaves the step exactly as without it.
+        truncate_at: ``"step"`` (default: truncation at the optimizer step, fused; what
+            ran between ``backward()`` and ``step()``, gradient clipping say, saw the
+            untruncated gradient) or ``"backward"`` (gradient hooks: truncated before
+            clipping, accumulation and unscaling, bit for bit as ``p.register_hook``).
+            docs/method.md, "Truncation", says when to pick which.
+
+    The optimizer holds the truncation (and the ``every=`` hook) for as long as it
+    lives, until :meth:`close`, whether or not the search is kept in a variable. A
+    search does not pickle: save :meth:`state_dict` instead.
     """
 
     def __init__(self, model: Optional[nn.Module], optimizer: Optional[torch.optim.Optimizer] = None,
                  mode: str = "worm", layers="bn", prune_ratio: float = 0.5, window: int = 5,
-                 stop: float = 0.1, delta: float = 0.05, r: float = 3e-3, scope: str = "global",
-                 every: Optional[int] = None, l1: float = 0.0):
+                 stop=0.1, delta=None, r: float = 3e-3, scope: str = "global",
+                 every: Optional[int] = None, l1: float = 0.0, truncate_at: str = "step"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+        if truncate_at not in WHERE:
+            raise ValueError(f"truncate_at must be one of {WHERE}, got {truncate_at!r}")
         # Every argument is checked here, before anything is built or hooked.
         window = _positive_int("window", window, 2, "distances need an older mask")
-        stop = _finite("stop (s)", stop, 0.0, lo_ok=False)
-        delta = _finite("delta", delta, 0.0, lo_ok=True)
+        stop = check_stop(stop)
+        delta = check_delta(delta, stop)
         l1 = _finite("l1", l1, 0.0, lo_ok=True)
         if every is not None:
             every = _positive_int("every", every, 1, "optimizer steps between samples; None: call step()")
         ratios = check_ratios(prune_ratio, parse_kinds(layers))  # {kind: p} of structured sets
-        if ratios is None and (isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float))):
+        if ratios is None and not is_number(prune_ratio):
             raise TypeError(f"prune_ratio must be a number, got {type(prune_ratio).__name__}")
+        prune_ratio = prune_ratio if ratios is not None else float(prune_ratio)
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -122,7 +141,7 @@ class EarlyBird:
         self.mode, self.stop, self.delta = mode, stop, delta
         self.r = _check_worm_r(r)
         self.l1 = l1
-        self.scope, self.every = scope, every
+        self.scope, self.every, self.truncate_at = scope, every, truncate_at
         self.model, self.optimizer = model, optimizer
         self._layers_spec = layers if isinstance(layers, str) else \
             ("+".join(layers) if parse_kinds(layers) else "callable" if callable(layers) else "list")
@@ -149,8 +168,11 @@ class EarlyBird:
         self.device = self.reps[0].param.device
         # FSDP2-sharded sets get a window over their local shards (worm.distributed)
         self._window = _dist.sharded_window(self.reps, window) or MaskWindow(self.reps, window, self.device)
+        _dist.bind(self)  # parameter identity checks; a sharded window agrees on the search state
         self.window = self._window.length
-        self._opt_steps = 0
+        self._steps = UpdatedSteps(self.params, every or 1)
+        self._closed = False
+        self._trace = Trace()  # what stop/delta="auto" read of the history
         self.found = False
         self.truncating = False
         self.history: list = []
@@ -170,20 +192,22 @@ class EarlyBird:
         if mode != "eb":
             # One owner per parameter: a second search on these params is refused here.
             names = ", ".join(rep.name for rep in self.reps[:3]) + (", ..." if len(self.reps) > 3 else "")
-            self._truncation = GradTruncation(optimizer, owner=self,
+            self._truncation = GradTruncation(optimizer, at=truncate_at,
                                               name=f"an EarlyBird search (mode={mode!r}, tensors {names})")
-            try:
-                self._truncation.claim([p for rep in self.reps for p in [rep.param, *rep.covers]])
-            except ValueError:
-                self._truncation.remove()
-                raise
             self._hooks.append(self._truncation)
-        if l1:
-            self._penalty = self._truncation or GradTruncation(
-                optimizer, owner=self, name="an EarlyBird search's l1 penalty (mode='eb')")
-            if self._truncation is None:
-                self._hooks.append(self._penalty)
-            self._penalty.set_l1(self._l1_where(), l1)
+        try:
+            if self._truncation is not None:
+                self._truncation.claim([p for rep in self.reps for p in [rep.param, *rep.covers]])
+            if l1:
+                self._penalty = self._truncation or GradTruncation(
+                    optimizer, name=f"an EarlyBird search's l1 penalty (mode='eb', tensors {self.reps[0].name}, ...)")
+                if self._truncation is None:
+                    self._hooks.append(self._penalty)
+                self._penalty.set_l1(self._l1_where(), l1)
+        except BaseException:  # refused: leave the optimizer as it was
+            for h in self._hooks:
+                h.remove()
+            raise
         if every is not None:
             self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
@@ -197,8 +221,7 @@ class EarlyBird:
                                      "so its gradients cannot be truncated")
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        self._opt_steps += 1
-        if not self.found and self._opt_steps % self.every == 0:
+        if self._steps.after_step(optimizer) and not self.found:
             self._sample()
 
     def _l1_where(self) -> dict:
@@ -227,6 +250,7 @@ class EarlyBird:
         step, so calling this as well would push a second mask of the same weights
         (distance 0) and fake a ticket: it raises instead.
         """
+        self._refuse_closed()
         if self.every is not None:
             raise RuntimeError(
                 f"this search samples by itself every {self.every} optimizer steps (every="
@@ -235,34 +259,58 @@ class EarlyBird:
                 "own points")
         return self._sample()
 
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise RuntimeError("this search was closed: it samples and truncates no more (its "
+                               "results, search.ticket and search.history, stay readable); build a "
+                               "new EarlyBird to search again")
+
     @torch.no_grad()
     def _sample(self) -> Record:
         if self.found:
             return self.history[-1]
         t0 = time.perf_counter()
+        _dist.before_sample(self)  # still the model's parameters? (sharded: inside the step)
         w = self._window
         head, count = w.count % w.length, w.count
         saved = w.ring[head].clone()  # a failed step leaves the window as it was
         try:
             dists = w.distances(w.push(self._ks, self._op_scope))
             _dist.check_replicated_window(w)  # DDP, debug only: do the ranks agree?
+            trace = self._trace.push(dists, w.numel)
             found, truncating = decide(dists, mode=self.mode, stop=self.stop,
-                                       delta=self.delta, truncating=self.truncating)
+                                       delta=self.delta, truncating=self.truncating,
+                                       numel=w.numel, trace=trace, prune_ratio=self.prune_ratio)
             self._apply_truncation(truncating)
         except BaseException:
             w.ring[head].copy_(saved)
             w.count = count
             raise
-        self.found, self.truncating = found, truncating
+        self.found, self.truncating, self._trace = found, truncating, trace
         d_max, d_avg = summarize(dists) if dists is not None else (None, None)
+        pruned = self._pruned_share()
 
         rec = Record(index=self._window.count,
                      epoch=self._window.count if self.every is None else None,
-                     step=self._opt_steps if self.every is not None else None,
+                     step=self._steps.count if self.every is not None else None,
                      d_max=d_max, d_avg=d_avg, distances=dists, truncating=self.truncating,
-                     found=self.found, seconds=time.perf_counter() - t0)
+                     found=self.found, seconds=time.perf_counter() - t0, pruned=pruned)
         self.history.append(rec)
         return rec
+
+    def _pruned_share(self) -> float:
+        """The newest mask's pruned share; warns when ties push it past prune_ratio."""
+        pruned = self.numel - int(self._window.kept_count().item())
+        asked = sum(self._ks)
+        if pruned > asked:
+            warnings.warn(
+                f"the mask prunes {pruned} of {self.numel} representative entries "
+                f"({pruned / self.numel:.1%}), more than prune_ratio={self.prune_ratio} asks "
+                f"({asked}): {pruned - asked} entries tie with the threshold, and ties are pruned "
+                "(docs/method.md). Equal weights (a mask taken at initialisation, frozen "
+                "BatchNorms) prune them all; Record.pruned shows the realised share",
+                RuntimeWarning, stacklevel=5)  # the caller of step()
+        return pruned / self.numel
 
     # ---------------------------------------------------------------- results
     @property
@@ -296,13 +344,20 @@ class EarlyBird:
         return None if w.count == 0 else w.ring[w.newest_row()].clone()
 
     def close(self) -> None:
-        """Switch truncation off and remove the hooks this search registered."""
-        if self.truncating:
-            self._apply_truncation(False)
+        """End the search: truncation off, the l1 penalty and every hook removed, its
+        parameters free for another search. Later :meth:`step` calls raise; the results
+        (:attr:`ticket`, :attr:`history`) stay readable."""
         for h in self._hooks:
             h.remove()  # the handle's remove() also frees the params and ends the l1 penalty
         self._hooks = []
         self._truncation = None
+        self.truncating = False
+        self._closed = True
+
+    def __getstate__(self):
+        raise TypeError("an EarlyBird search does not pickle or deepcopy (it hooks into the "
+                        "optimizer): save search.state_dict() and, in the new process, build the "
+                        "search again and call load_state_dict()")
 
     # ------------------------------------------------------------- state dict
     def _config(self) -> dict:
@@ -312,23 +367,32 @@ class EarlyBird:
                 "shapes": [list(rep.shape) for rep in self.reps]}
 
     def state_dict(self) -> dict:
-        history = [asdict(h) for h in self.history]
-        if isinstance(self._window, _dist.ShardedMaskWindow):
-            # torch.distributed.checkpoint wants a fixed key set: a growing list goes as text
-            history = json.dumps(history)
+        # text: torch.distributed.checkpoint wants a fixed key set in every layout
+        history = json.dumps([asdict(h) for h in self.history])
         return {"version": 1, "config": self._config(), **self._window.state(),
-                "opt_steps": self._opt_steps, "found": self.found,
+                "opt_steps": self._steps.settle(), "found": self.found,
                 "truncating": self.truncating, "history": history}
 
     def load_state_dict(self, sd: dict) -> None:
+        """Resume a search from :meth:`state_dict`. The state must come from a search
+        built with the same arguments: a differing mode, p, window, scope, every, l1,
+        stop, delta or r is refused (the constructor's values are never silently
+        replaced), as is a corrupt window count; a refusal changes nothing."""
+        self._refuse_closed()
         mine = self._config()
         theirs = sd.get("config", {})
         # Everything is checked and parsed before anything changes.
         theirs = {"l1": 0.0, **theirs}  # states saved before l1 existed had none
-        for key in ("mode", "prune_ratio", "window", "scope", "every", "l1"):
+        stop = check_stop(theirs.get("stop"))
+        delta = check_delta(theirs.get("delta"), stop)
+        r = _check_worm_r(theirs.get("r"))
+        # stop/delta/r too: the constructor's values are the caller's intent, a saved
+        # state that differs is refused rather than silently replacing them
+        for key in ("mode", "prune_ratio", "window", "scope", "every", "l1", "stop", "delta", "r"):
             if theirs.get(key) != mine[key]:
                 raise ValueError(f"cannot load search state: {key} is {theirs.get(key)!r} in the "
-                                 f"state dict but {mine[key]!r} here")
+                                 f"state dict but {mine[key]!r} here; build the search with "
+                                 f"{key}={theirs.get(key)!r} to resume that run")
         shapes = theirs.get("shapes")  # absent in states saved before shapes were recorded
         if shapes is not None and len(shapes) != len(self.reps):
             raise ValueError(f"cannot load search state: it holds {len(shapes)} representative tensors, "
@@ -343,15 +407,20 @@ class EarlyBird:
         if theirs.get("numel") != mine["numel"]:
             raise ValueError(f"cannot load search state: numel is {theirs.get('numel')!r} in the "
                              f"state dict but {mine['numel']!r} here")
-        stop = _finite("stop (s)", theirs["stop"], 0.0, lo_ok=False)
-        delta = _finite("delta", theirs["delta"], 0.0, lo_ok=True)
-        r = _check_worm_r(theirs["r"])
         history = sd["history"]
         history = [Record(**h) for h in (json.loads(history) if isinstance(history, str) else history)]
-        opt_steps, found, truncating = int(sd["opt_steps"]), bool(sd["found"]), bool(sd["truncating"])
+        count, opt_steps = sd["count"], sd["opt_steps"]
+        for name, v in (("count", count), ("opt_steps", opt_steps)):
+            if not is_number(v) or not isinstance(v, numbers.Integral) or v < 0:
+                raise ValueError(f"cannot load search state: {name} must be an integer >= 0, got {v!r}")
+        if count != len(history) or (history and history[-1].index != count):
+            raise ValueError(f"cannot load search state: count {count!r} does not match its history "
+                             f"of {len(history)} sampling steps (a corrupt or edited state dict)")
+        trace = Trace.replay([h.distances for h in history], self.numel)
+        opt_steps, found, truncating = int(opt_steps), bool(sd["found"]), bool(sd["truncating"])
         w = self._window
         old_ring, old_count, old_r = w.ring.clone(), w.count, self.r
-        w.load(sd["ring"], sd["count"])  # checks the buffer before writing
+        w.load(sd["ring"], sd["count"], saved=sd.get("layout", "an older worm"))  # checks first
         self.r = r
         try:
             self._apply_truncation(truncating and w.count > 0)
@@ -360,5 +429,6 @@ class EarlyBird:
             w.count, self.r = old_count, old_r
             raise
         self.stop, self.delta = stop, delta
-        self._opt_steps, self.found, self.truncating = opt_steps, found, truncating
-        self.history = history
+        self._steps.settle()
+        self._steps.count, self.found, self.truncating = opt_steps, found, truncating
+        self.history, self._trace = history, trace

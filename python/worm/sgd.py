@@ -50,12 +50,13 @@ from .distributed import local as _local
 from .distributed import sgd_step_ as _sgd_step_on_shards
 from .hook_grad import KERNEL_DTYPES, truncated_grad
 from .slimming import swapped_grads
-from .truncation import TruncationState, all_params, check_bits, check_r, pack_masks
+from .truncation import TruncationState, all_params, check_bits, check_r, check_sizes, pack_masks
 
 __all__ = ["WormSGD"]
 
 _STATE_KEY = "worm_truncation"
 _USER = "user"  # owner key of masks set by hand (set_truncation)
+_USER_NAME = "masks set by WormSGD.set_truncation"
 
 
 def _unhooked_sgd_step():
@@ -89,7 +90,7 @@ class WormSGD(torch.optim.SGD):
                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
         self._worm_truncation = TruncationState()  # truncation.ATTR: one registry, on the optimizer
-        self._worm_truncation.add_owner(_USER, "masks set by WormSGD.set_truncation")
+        self._worm_truncation.add_owner(_USER, _USER_NAME)
 
     # -------------------------------------------------------------- truncation
     def set_truncation(self, masks: Optional[Dict[torch.Tensor, torch.Tensor]], r: float = 3e-3) -> None:
@@ -124,24 +125,24 @@ class WormSGD(torch.optim.SGD):
 
     # -------------------------------------------------------------------- step
     def step(self, closure=None):
-        if self._worm_truncation.penalised:
-            return self._penalised_step(closure)
-        if not self._worm_truncation.active:
+        st = self._worm_truncation
+        if not (st.active or st.penalised):
             return _unhooked_sgd_step()(self, closure)
         loss = None
-        if closure is not None:
+        if closure is not None:  # the gradients the step reads are the closure's
             with torch.enable_grad():
                 loss = closure()
-        self._planned_step()
+        if st.active:  # every group is checked before any is updated
+            check_sizes(st.sizes, self, "WormSGD.step")
+        if st.penalised:
+            self._penalised_step()
+        else:
+            self._planned_step()
         return loss
 
-    def _penalised_step(self, closure):
+    def _penalised_step(self) -> None:
         """The step with the slimming penalty: penalised params step on
         ``trunc(g) + l1*sign(w)`` and untruncated; everything else as usual."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         st = self._worm_truncation
         bits, r_of = st.bits, st.r_of
         try:
@@ -154,7 +155,6 @@ class WormSGD(torch.optim.SGD):
                     _unhooked_sgd_step()(self, None)
         finally:
             st.bits, st.r_of = bits, r_of
-        return loss
 
     def _planned_step(self) -> None:
         # SGD's grad mode (no_grad unless differentiable=True), without the graph
@@ -247,6 +247,25 @@ class WormSGD(torch.optim.SGD):
                     scale = torch.where(found_inf.to(g.device) == 1, torch.ones_like(scale), scale)
                 _local(g).div_(scale)
 
+    # ------------------------------------------------------ pickle and deepcopy
+    def __getstate__(self):
+        # torch.optim.Optimizer pickles defaults/state/param_groups only (its hooks
+        # stay behind). The masks set by hand go along, as in state_dict(); a search's
+        # truncation stays with the search, on this optimizer.
+        state = super().__getstate__()
+        mine = TruncationState()
+        user = self._worm_truncation._owners.get(_USER)
+        mine.add_owner(_USER, _USER_NAME)
+        if user is not None and user.r is not None:
+            mine.set(_USER, user.bits, user.r)
+        return {**state, "_worm_truncation": mine}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_worm_truncation" not in self.__dict__:  # a pickled torch.optim.SGD's state
+            self._worm_truncation = TruncationState()
+            self._worm_truncation.add_owner(_USER, _USER_NAME)
+
     # -------------------------------------------------------------- state dict
     def state_dict(self):
         sd = super().state_dict()
@@ -262,6 +281,8 @@ class WormSGD(torch.optim.SGD):
         params = all_params(self)
         _check_buffer_shapes(state_dict, params)
         bits, r = self._worm_truncation.parse(trunc, params, "WormSGD.load_state_dict")
+        if bits is not None:  # refused here, before SGD's own load changes anything
+            self._worm_truncation.refuse_shared(_USER, list(bits), "WormSGD.load_state_dict")
         super().load_state_dict(state_dict)
         self._worm_truncation.set(_USER, bits, r)
 

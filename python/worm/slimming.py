@@ -27,7 +27,10 @@ __all__ = ["L1Penalties", "amp_scale", "l1_sign", "add_in_place", "swapped_grads
 
 
 class L1Penalties:
-    """Every owner's penalty on one optimizer: ``{owner key: (l1, {param: entry mask or None})}``."""
+    """Every owner's penalty on one optimizer: ``{owner key: (l1, {param: entry mask or None}, name)}``.
+
+    One penalty per parameter: a second owner penalising a parameter already penalised
+    is refused (the penalty would be added twice)."""
 
     def __init__(self):
         self._by_owner: dict = {}
@@ -35,17 +38,25 @@ class L1Penalties:
     def __len__(self) -> int:
         return len(self._by_owner)
 
-    def set(self, key, where: Optional[dict], l1: float) -> None:
+    def set(self, key, where: Optional[dict], l1: float, name: str = "an l1 penalty") -> None:
         if not where or l1 == 0:
             self._by_owner.pop(key, None)
-        else:
-            self._by_owner[key] = (float(l1), dict(where))
+            return
+        mine = {id(p) for p in where}
+        for k, (other_l1, other, other_name) in self._by_owner.items():
+            shared = [p for p in other if id(p) in mine]
+            if k != key and shared:
+                raise ValueError(
+                    f"{name}: a parameter of shape {tuple(shared[0].shape)} already has an l1 penalty "
+                    f"(l1={other_l1}) from {other_name}; a second one would be added to its gradient "
+                    "as well. Give the l1 to one search only (close() the other, or build it with l1=0)")
+        self._by_owner[key] = (float(l1), dict(where), name)
 
     def remove(self, key) -> None:
         self._by_owner.pop(key, None)
 
     def terms(self):
-        for l1, where in self._by_owner.values():
+        for l1, where, _ in self._by_owner.values():
             for p, m in where.items():
                 yield p, m, l1
 

@@ -4,37 +4,59 @@ Truncation (docs/method.md): while on, every optimizer step first multiplies the
 gradient of each entry that the newest mask prunes by ``r``; weight decay and
 momentum then act as usual.
 
+Where the multiplication happens is each owner's choice (``at``):
+
+* ``"step"`` (the default): on ``p.grad`` at the optimizer step, fused into
+  :class:`worm.WormSGD`'s update or by the step pre-hook; bit for bit a step pre-hook
+  multiplying ``p.grad``. Whatever ran between ``backward()`` and ``step()``
+  (clipping, accumulation, unscaling) saw the untruncated gradient. With a closure
+  (LBFGS, ...) the gradients each closure evaluation makes are truncated.
+* ``"backward"``: by a gradient hook on each parameter (``p.register_hook``), so the
+  result is bit for bit that of gradient hooks whatever happens between backward and
+  step. Costs a Python hook per parameter per backward; plain tensors only (FSDP2
+  sets sharded gradients outside autograd).
+
 Several owners (searches, or the user) may truncate *different* parameters of one
 optimizer: their masks compose, each with its own ``r``. Truncating a parameter that
 another owner already truncates is refused (it would multiply by ``r`` twice). The
 registry of one optimizer, :class:`TruncationState`, lives on the optimizer itself
 (``optimizer._worm_truncation``): :class:`worm.WormSGD` builds its own and fuses it
 into its step; any other optimizer gets one on first use together with one step
-pre-hook (:func:`truncate_grads`) that serves every owner.
+pre-hook (:func:`truncate_grads`) that serves every owner. The optimizer holds its
+registry, hence every owner's masks, strongly: truncation lasts as long as the
+optimizer does, until the owner removes it (``EarlyBird.close()``), whether or not
+anything else still refers to the owner.
 """
 from __future__ import annotations
 
 import math
-import weakref
+import numbers
 from typing import Dict, Optional
 
 import torch
 
 from . import ops
 from . import reference as _ref
+from .distributed import is_dtensor as _is_dtensor
 from .distributed import local as _local
-from .hook_grad import KERNEL_DTYPES, truncated
+from .hook_grad import KERNEL_DTYPES, BackwardHook, truncated
 from .slimming import L1Penalties, add_in_place
 
 __all__ = ["GradTruncation", "truncation_pre_hook", "TruncationState", "state_of",
            "check_r", "pack_masks", "check_bits", "all_params"]
 
 ATTR = "_worm_truncation"  # the optimizer attribute holding its TruncationState
+WHERE = ("step", "backward")  # where an owner's truncation multiplies the gradient
+
+
+def is_number(v) -> bool:
+    """A real number as torch takes one: Python's, numpy's scalars; never a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v).__name__ != "bool_"
 
 
 def check_r(r) -> float:
-    if isinstance(r, bool) or not isinstance(r, (int, float)) and not (
-            isinstance(r, torch.Tensor) and r.numel() == 1):
+    if not is_number(r) and not (isinstance(r, torch.Tensor) and r.numel() == 1
+                                 and not r.dtype == torch.bool):
         raise TypeError(f"truncation factor r must be a number, got {type(r).__name__}")
     r = float(r)
     if not math.isfinite(r) or r < 0:
@@ -65,6 +87,24 @@ def pack_masks(masks: Dict[torch.Tensor, torch.Tensor], known: set, owner: str) 
     return bits
 
 
+def param_label(optimizer, p) -> str:
+    """How an error names a parameter: its index in the optimizer and its shape."""
+    index = next((i for i, q in enumerate(all_params(optimizer)) if q is p), None)
+    where = f"parameter {index} of the optimizer" if index is not None else "a parameter"
+    return f"{where} (shape {tuple(p.shape)})"
+
+
+def check_sizes(sizes: dict, optimizer, who: str) -> None:
+    """Every mask still covers its parameter (``sizes``: {param: entries when its mask
+    was set}): refuse one resized in place, by name, before anything is changed."""
+    for p, n0 in sizes.items():
+        n = _local(p).numel()
+        if n != n0:
+            raise ValueError(f"{who}: {param_label(optimizer, p)} has {n} entries but its truncation "
+                             f"mask was set for {n0}: it was resized after the mask was set. Set the "
+                             "masks again (or close() the search and build a new one)")
+
+
 def check_bits(bits: dict, owner: str) -> dict:
     for p, b in bits.items():
         n = _local(p).numel()  # a DTensor's bits cover its local shard
@@ -78,10 +118,37 @@ def check_bits(bits: dict, owner: str) -> dict:
 
 # ------------------------------------------------------------------ owners
 class _Owner:
-    __slots__ = ("name", "claimed", "bits", "r")
+    __slots__ = ("name", "claimed", "bits", "r", "at", "hooks", "keep", "sizes")
 
-    def __init__(self, name: str):
-        self.name, self.claimed, self.bits, self.r = name, set(), {}, None
+    def __init__(self, name: str, at: str = "step"):
+        self.name, self.claimed, self.bits, self.r, self.at = name, set(), {}, None, at
+        self.sizes: dict = {}  # {param: entries when its mask was set}
+        self.hooks: dict = {}  # at="backward": {id(param): hook handle}
+        self.keep: dict = {}   # at="backward": {param: (bits, unpacked bool mask)}
+
+    def keep_of(self, p, bits) -> torch.Tensor:
+        cached = self.keep.get(p)
+        if cached is None or cached[0] is not bits:  # new bits at each sampling step only
+            cached = self.keep[p] = (bits, _ref.unpack(bits, [_local(p).shape])[0])
+        return cached[1]
+
+    def hook(self, params) -> None:
+        for p in params:
+            if id(p) in self.hooks:
+                continue
+            if _is_dtensor(p):
+                raise ValueError(f"{self.name}: truncate_at='backward' needs plain tensors, but a "
+                                 f"parameter of shape {tuple(p.shape)} is a DTensor (FSDP2 sets sharded "
+                                 "gradients outside autograd, where no hook sees them); use "
+                                 "truncate_at='step'")
+            if not p.requires_grad:
+                continue  # no gradient ever reaches it
+            self.hooks[id(p)] = p.register_hook(BackwardHook(self, p))
+
+    def unhook(self) -> None:
+        for h in self.hooks.values():
+            h.remove()
+        self.hooks, self.keep = {}, {}
 
 
 class TruncationState:
@@ -96,6 +163,7 @@ class TruncationState:
         self._owners: dict = {}
         self.bits: dict = {}
         self.r_of: dict = {}
+        self.sizes: dict = {}
         self.l1 = L1Penalties()
 
     @property
@@ -107,26 +175,28 @@ class TruncationState:
         return len(self.bits) > 0  # len(): torch.compile cannot trace bool(dict)
 
     def _rebuild(self) -> None:
-        bits, r_of = {}, {}
+        bits, r_of, sizes = {}, {}, {}
         for o in self._owners.values():
-            if o.r is None or o.r == 1.0:
+            if o.r is None or o.r == 1.0 or o.at != "step":  # "backward": the hooks truncate
                 continue
             for p, b in o.bits.items():
-                bits[p], r_of[p] = b, o.r
-        self.bits, self.r_of = bits, r_of
+                bits[p], r_of[p], sizes[p] = b, o.r, o.sizes[p]
+        self.bits, self.r_of, self.sizes = bits, r_of, sizes
 
-    def add_owner(self, key, name: str) -> None:
-        self._owners.setdefault(key, _Owner(name))
+    def add_owner(self, key, name: str, at: str = "step") -> None:
+        self._owners.setdefault(key, _Owner(name, at))
 
     def has_owner(self, key) -> bool:
         return key in self._owners
 
     def release(self, key) -> None:
         self.l1.remove(key)
-        if self._owners.pop(key, None) is not None:
+        o = self._owners.pop(key, None)
+        if o is not None:
+            o.unhook()
             self._rebuild()
 
-    def _refuse_shared(self, key, params, who: str) -> None:
+    def refuse_shared(self, key, params, who: str) -> None:
         for k, o in self._owners.items():
             if k == key:
                 continue
@@ -141,7 +211,9 @@ class TruncationState:
     def claim(self, key, params) -> None:
         """Reserve ``params`` for owner ``key`` (refused if another owner holds one)."""
         o = self._owners[key]
-        self._refuse_shared(key, params, o.name)
+        self.refuse_shared(key, params, o.name)
+        if o.at == "backward":
+            o.hook(params)
         o.claimed |= {id(p) for p in params}
 
     def set(self, key, bits: Optional[dict], r: Optional[float]) -> None:
@@ -151,10 +223,13 @@ class TruncationState:
                 return
             raise RuntimeError("this truncation handle was removed; make a new one")
         if bits is None:
-            o.bits, o.r = {}, None
+            o.bits, o.r, o.sizes = {}, None, {}
         else:
-            self._refuse_shared(key, list(bits), o.name)
+            self.refuse_shared(key, list(bits), o.name)
+            if o.at == "backward":
+                o.hook(list(bits))
             o.bits, o.r = dict(bits), r
+            o.sizes = {p: _local(p).numel() for p in o.bits}
         self._rebuild()
 
     def owner_state(self, key, index_of: dict) -> dict:
@@ -194,16 +269,35 @@ def state_of(optimizer) -> TruncationState:
     return st
 
 
-def _pre_hook(optimizer, args, kwargs) -> None:
-    truncate_grads(getattr(optimizer, ATTR), optimizer)
+def _pre_hook(optimizer, args, kwargs):
+    st = getattr(optimizer, ATTR)
+    closure = kwargs["closure"] if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+    if closure is None:
+        truncate_grads(st, optimizer)
+        return None
+    if not (st.active or st.penalised):
+        return None
+
+    # The step re-evaluates the gradients (LBFGS: many times): truncate each evaluation's.
+    def truncating_closure():
+        loss = closure()
+        truncate_grads(st, optimizer)
+        return loss
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": truncating_closure}
+    return (args[0], truncating_closure, *args[2:]), kwargs
 
 
 # --------------------------------------------------------------- the pre-hook
 def truncate_grads(st: TruncationState, optimizer=None) -> None:
     """In place on p.grad, once per step: every owner's masks, then the slimming penalty."""
-    truncate_only(st)
-    if st.penalised:
-        add_in_place(st.l1, optimizer)
+    if st.active:
+        check_sizes(st.sizes, optimizer, "truncation pre-hook")  # before any gradient changes
+    with torch.no_grad():
+        truncate_only(st)
+        if st.penalised:
+            add_in_place(st.l1, optimizer)
     return None
 
 
@@ -251,19 +345,19 @@ class GradTruncation:
     to a hook's result while the scale is a power of two, as GradScaler's always is,
     barring underflow).
 
-    ``owner``: the object whose lifetime bounds this truncation (a search); when it
-    is garbage collected the truncation ends. None: until :meth:`remove`.
+    ``at``: ``"step"`` (above) or ``"backward"`` (gradient hooks on the parameters;
+    see the module docstring). The truncation lasts, held by the optimizer, until
+    :meth:`remove`.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, owner=None, name: Optional[str] = None):
+    def __init__(self, optimizer: torch.optim.Optimizer, *, name: Optional[str] = None, at: str = "step"):
+        if at not in WHERE:
+            raise ValueError(f"truncate_at must be one of {WHERE}, got {at!r}")
         self.optimizer = optimizer
         self._state = state_of(optimizer)
         self._key = object()
         self.name = name or f"a truncation_pre_hook handle on {type(optimizer).__name__}"
-        self._state.add_owner(self._key, self.name)
-        if owner is not None:
-            st, key = self._state, self._key
-            self._owner_ref = weakref.ref(owner, lambda _ref: st.release(key))
+        self._state.add_owner(self._key, self.name, at)
 
     def claim(self, params) -> None:
         """Reserve ``params`` for this handle now (refused if another owner truncates one)."""
@@ -308,7 +402,7 @@ class GradTruncation:
             if where and l1:
                 raise RuntimeError("this truncation handle was removed; make a new one")
             return
-        self._state.l1.set(self._key, where, l1)
+        self._state.l1.set(self._key, where, l1, self.name)
 
     @property
     def active(self) -> bool:

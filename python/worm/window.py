@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import ops
+from . import ops, window_state
 from .packing import byte_offsets, pack_flat, unpack
 from .rep import RepTensor
 
@@ -102,6 +102,14 @@ class MaskWindow:
         return [c[(head + j) % self.length] / self.numel for j in range(1, self.length)]
 
     # ----------------------------------------------------------------- results
+    def kept_count(self, row: Optional[int] = None) -> torch.Tensor:
+        """Entries a row (default: the newest) keeps, as a 0-d int64 tensor on the device
+        (padding bits are 0, so this is the row's popcount)."""
+        row = self.newest_row() if row is None else row
+        table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64,
+                             device=self.ring.device)
+        return table[self.ring[row].long()].sum()
+
     def segment(self, row: int, i: int) -> torch.Tensor:
         return self.ring[row, self.offsets[i]:self.offsets[i + 1]]
 
@@ -164,9 +172,13 @@ class MaskWindow:
 
     # ------------------------------------------------------------- state dict
     def state(self) -> dict:
-        return {"ring": self.ring.clone().cpu(), "count": self.count}
+        """The saved form of :mod:`worm.window_state`, the same in every layout."""
+        return {"ring": window_state.plain_state(self), "count": self.count,
+                "layout": window_state.plain_layout()}
 
-    def load(self, ring: torch.Tensor, count: int) -> None:
+    def load(self, ring, count: int, saved: str = "another search") -> None:
+        if isinstance(ring, dict):  # any layout's saved ring (older states: the flat ring)
+            ring = window_state.plain_ring(self, ring, saved, window_state.plain_layout())
         if ring.shape != self.ring.shape or ring.dtype != torch.uint8:
             raise ValueError(f"cannot load search state: window buffer {tuple(ring.shape)} "
                              f"{ring.dtype}, expected {tuple(self.ring.shape)} uint8")

@@ -208,3 +208,83 @@ def test_adamw_pre_hook_equals_gradient_hooks(spec, owners, fused, amp, seed):
     # the pre-hook's kernels round as the reference does (bit for bit for fp32)
     for i, (pa, pb) in enumerate(zip(a, b)):
         _same(pa, pb, i)
+
+
+def _truncate_grads_of(params, keeps, own, r):
+    """The step-side oracle: p.grad multiplied in place, as a step pre-hook would."""
+    for p, keep, o in zip(params, keeps, own):
+        if o != "none" and p.grad is not None:
+            p.grad = truncating_hook(keep, r)(p.grad)
+
+
+@settings(**{**SETTINGS, "max_examples": max(1, SETTINGS["max_examples"] // 4)})
+@given(spec=spec_st, kind=st.sampled_from(["wormsgd", "sgd", "adamw"]),
+       at=st.sampled_from(["step", "backward"]), clip=st.booleans(), accum=st.sampled_from([1, 2]),
+       amp=st.booleans(), closure=st.booleans(),
+       inf_steps=st.lists(st.booleans(), min_size=STEPS, max_size=STEPS),
+       owners=st.lists(st.sampled_from(["none", "h"]), min_size=4, max_size=4),
+       seed=st.integers(0, 2 ** 16))
+def test_truncate_at_equals_its_torch_oracle_with_clipping_accumulation_amp_and_closures(
+        spec, kind, at, clip, accum, amp, closure, inf_steps, owners, seed):
+    """truncate_at="step": torch's optimizer plus a step pre-hook multiplying p.grad (with
+    a closure: after each closure evaluation); "backward": plus gradient hooks. Bit for
+    bit whatever runs between backward and step: clipping, micro-batch accumulation,
+    GradScaler's unscaling and its skipped inf steps."""
+    amp = amp and not closure and _scaler_takes(spec, fused=False)  # GradScaler takes no closure
+    r = 0.25
+    a, b = _make(spec, seed), _make(spec, seed)
+    keeps = [torch.rand(p.shape, generator=torch.Generator().manual_seed(seed + i)) > 0.5
+             for i, p in enumerate(a)]
+    own = owners[:len(a)]
+
+    def make(params):
+        if kind == "wormsgd":
+            return worm.WormSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2, foreach=False)
+        if kind == "sgd":
+            return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2, foreach=False)
+        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=False)
+
+    ref_opt, opt = make(a), make(b)
+    if at == "backward":
+        for p, keep, o in zip(a, keeps, own):
+            if o != "none":
+                p.register_hook(truncating_hook(keep, r))
+    elif not closure:
+        ref_opt.register_step_pre_hook(lambda o_, args, kw: _truncate_grads_of(a, keeps, own, r))
+    masks = {p: k for p, k, o in zip(b, keeps, own) if o != "none"}
+    GradTruncation(opt, at=at).set(masks, r=r) if masks else None
+    grads = _grads(a, STEPS * accum, seed)
+
+    def run(params, o, scaler, truncate_in_closure):
+        for s in range(STEPS):
+            micro = grads[s * accum:(s + 1) * accum]
+            blow = float("inf") if amp and inf_steps[s] else 1.0
+
+            def backward():
+                o.zero_grad()
+                for G in micro:
+                    loss = _loss(params, G) * blow
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                if scaler is not None and clip:
+                    scaler.unscale_(o)
+                if clip:
+                    nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 0.5)
+                if truncate_in_closure:
+                    _truncate_grads_of(params, keeps, own, r)
+                return loss
+
+            if closure:
+                o.step(backward)
+            else:
+                backward()
+                if scaler is not None:
+                    scaler.step(o)
+                    scaler.update()
+                else:
+                    o.step()
+
+    new_scaler = (lambda: torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)) if amp else (lambda: None)
+    run(a, ref_opt, new_scaler(), closure and at == "step")
+    run(b, opt, new_scaler(), False)
+    for i, (pa, pb) in enumerate(zip(a, b)):
+        _same(pa, pb, i)

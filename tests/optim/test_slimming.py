@@ -115,7 +115,7 @@ def test_penalty_is_applied_after_truncation():
     with torch.no_grad():
         m.weight.copy_(torch.tensor([1.0, -1.0, 2.0, 0.5]))
     opt = worm.WormSGD(m.parameters(), lr=1.0)
-    search = worm.EarlyBird(m, opt, mode="eb", l1=0.25)  # the penalty lives as long as the search
+    search = worm.EarlyBird(m, opt, mode="eb", l1=0.25)  # the penalty lives until close()
     opt.set_truncation({m.weight: torch.tensor([True, False, True, False])}, r=0.0)
     m.weight.grad = torch.full((4,), 8.0)
     m.bias.grad = torch.zeros(4)
@@ -123,10 +123,14 @@ def test_penalty_is_applied_after_truncation():
     assert m.weight.detach().tolist() == [1.0 - 8.25, -1.0 + 0.25, 2.0 - 8.25, 0.5 - 0.25]
     assert m.bias.detach().tolist() == [0.0] * 4  # the penalty is on gammas, not betas
     assert m.weight.grad.tolist() == [8.0] * 4     # p.grad is left as backward made it
-    del search
+    del search  # the optimizer holds the penalty: dropping the search does not end it
     import gc
     gc.collect()
-    assert not opt._worm_truncation.penalised
+    assert opt._worm_truncation.penalised
+    m.weight.grad = torch.zeros(4)
+    before = m.weight.detach().clone()
+    opt.step()
+    assert torch.equal(m.weight.detach(), before - 0.25 * before.sign())
 
 
 def test_bad_l1_is_refused_at_construction():

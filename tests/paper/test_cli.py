@@ -24,6 +24,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # every raw value a table column is computed from must be in the record
 RAW_KEYS = {"search_epochs", "pre_prune_acc", "pruned_acc", "retrain1_acc", "restore_epochs",
             "found", "params_before", "params_after", "time_s", "d_max", "d_avg", "seed", "method"}
+CONTROL_KEYS = {"pre_prune_acc", "pruned_acc", "pruned_recal_acc", "retrain1_acc", "final_acc",
+                "params_before", "params_after", "layers", "warnings", "seed", "method"}
+METHODS = ["EB Train", "WORM", "dense (no pruning)", "random ticket", "uniform ticket"]
 
 
 @pytest.fixture(autouse=True)
@@ -37,18 +40,22 @@ def _table_lines(text):
     return [ln for ln in text.splitlines() if ln.startswith("|")]
 
 
-def _check_outputs(out, methods, n_runs):
+def _check_outputs(out, methods, n_runs, columns=True):
     rec = json.loads((out / "record.json").read_text())
     assert len(rec["runs"]) == n_runs
     assert {r["method"] for r in rec["runs"]} == set(methods)
     for r in rec["runs"]:
+        assert r["time_s"] > 0 and 0.0 <= r["pre_prune_acc"] <= 1.0 and 0.0 <= r["retrain1_acc"] <= 1.0
+        if r.get("protocol") == "dense":     # the dense control: nothing searched, nothing pruned
+            continue
+        assert CONTROL_KEYS <= set(r), CONTROL_KEYS - set(r)
+        assert 0.0 <= r["pruned_acc"] <= 1.0
+        assert 0 < r["params_after"] < r["params_before"]
+        if r["method"] in ("random ticket", "uniform ticket"):
+            continue
         assert RAW_KEYS <= set(r), RAW_KEYS - set(r)
         assert 1 <= r["search_epochs"] <= 3
         assert len(r["d_max"]) == r["search_epochs"]
-        for k in ("pre_prune_acc", "pruned_acc", "retrain1_acc"):
-            assert 0.0 <= r[k] <= 1.0
-        assert 0 < r["params_after"] < r["params_before"]
-        assert r["time_s"] > 0
     assert rec["config"]["window"] == 2 and rec["config"]["max_epochs"] == 3
 
     with open(out / "runs.csv", newline="") as f:
@@ -66,8 +73,9 @@ def _check_outputs(out, methods, n_runs):
     lines = _table_lines(table)
     assert len(lines) == 2 + len(methods)
     assert all(ln.count("|") == lines[0].count("|") for ln in lines)  # rows line up
-    for _, header, _ in COLUMNS:
-        assert header in lines[0], header
+    for key, header, _ in COLUMNS:   # sweep-r has no dense control, so no overhead ratio
+        if columns or key != "epoch_time_vs_plain":
+            assert header in lines[0], header
     return rec, table
 
 
@@ -77,24 +85,31 @@ def test_compare_end_to_end(tmp_path, capsys):
     assert cli.main(["compare", *TINY, "--out", str(out)]) == 0
     elapsed = time.perf_counter() - t0
     printed = capsys.readouterr().out
-    rec, table = _check_outputs(out, ["EB Train", "WORM"], 2)
+    rec, table = _check_outputs(out, METHODS, 5)
     assert table.strip() in printed
-    assert "| EB Train |" in printed and "| WORM |" in printed
-    assert [r["mode"] for r in rec["runs"]] == ["eb", "worm"]
+    for m in METHODS:
+        assert f"| {m} |" in printed
+    assert [r["method"] for r in rec["runs"]] == METHODS
     # EB's slimming recipe by default, no floor; both recorded, with what pruning did
     assert rec["config"]["l1"] == 1e-4 and rec["config"]["max_pruning_ratio"] is None
-    for r in rec["runs"]:
+    eb, wo, dense, rnd, uni = rec["runs"]
+    for r in (eb, wo):
         assert r["l1"] == 1e-4 and 0 <= r["ticket_departure"] < 1
         assert r["latency_ratio_b1"] > 0 and r["latency_ratio_b32"] > 0
         assert 0 < r["flops_after"] < r["flops_before"]
-    assert elapsed < 60, f"the tiny compare took {elapsed:.1f}s"
+        assert r["epoch_time_vs_plain"] > 0 and r["sampling_ms"] > 0     # the overhead columns
+    assert dense["epoch_time_vs_plain"] == 1.0 and dense["total_epochs"] == eb["search_epochs"] + 1
+    # the random ticket keeps EB's per-layer widths; every variant retrained the same budget
+    assert [x["ticket_kept"] for x in rnd["layers"]] == [x["ticket_kept"] for x in eb["layers"]]
+    assert len({len(r["retrain_accs"]) for r in rec["runs"]}) == 1
+    assert elapsed < 120, f"the tiny compare took {elapsed:.1f}s"
 
 
 def test_sweep_r_end_to_end(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert cli.main(["sweep-r", *TINY, "--rs", "1", "0.01", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    rec, _ = _check_outputs(out, ["r = 1", "r = 0.01"], 2)
+    rec, _ = _check_outputs(out, ["r = 1", "r = 0.01"], 2, columns=False)
     assert "| r = 1 |" in printed and "| r = 0.01 |" in printed
     assert [r["r"] for r in rec["runs"]] == [1.0, 0.01]
     assert all(r["mode"] == "truncate" for r in rec["runs"])
@@ -145,10 +160,39 @@ def test_defaults_match_the_paper():
     cfg = cli._cnn_config(a)
     assert (cfg.stop, cfg.delta, cfg.window, cfg.prune_ratio, cfg.r) == (0.1, 0.05, 5, 0.5, 3e-3)
     assert (cfg.lr, cfg.momentum) == (0.01, 0.9)
-    # the demo defaults: digits, the tiny CNN at width 2, batch 32
+    # the generic defaults (a dataset or model named): digits, the tiny CNN at width 2, batch 32
     assert (cfg.dataset, cfg.model, cfg.width, cfg.batch_size) == ("digits", "cnn", 2.0, 32)
-    assert (cfg.max_epochs, cfg.retrain_epochs, cfg.seeds) == (30, 3, (0, 1, 2))
+    assert (cfg.max_epochs, cfg.retrain_epochs, cfg.seeds) == (30, 5, (0, 1, 2))
     assert (cfg.l1, cfg.max_pruning_ratio) == (1e-4, None)   # EB's slimming; floor off
     # the width default is the tiny CNN's only: ResNet-18 stays at full width
     assert cli._cnn_config(cli._parser().parse_args(["compare", "--model", "resnet18"])).width == 1.0
     assert cli._cnn_config(cli._parser().parse_args(["compare", "--width", "0.5"])).width == 0.5
+
+
+def test_the_default_task_and_its_fallback(monkeypatch, capsys):
+    """Neither --dataset nor --model: the default task, each flag given replacing its value
+    only; without Fashion-MNIST, the digits task with a note (not an error)."""
+    ap = cli._parser()
+    a = ap.parse_args(["compare", "--retrain-epochs", "2"])
+    cli._check_cnn_flags(ap.commands["compare"], a)
+    cfg = cli._cnn_config(a)
+    want = dict(cli.DEFAULT_TASK, retrain_epochs=2)
+    assert {k: getattr(cfg, k) for k in want} == want
+    a = ap.parse_args(["compare", "--dataset", "fashion-mnist"])   # a named dataset: generic defaults
+    cli._check_cnn_flags(ap.commands["compare"], a)
+    assert (cli._cnn_config(a).model, cli._cnn_config(a).train_subset) == ("cnn", None)
+    monkeypatch.setenv("WORM_FASHION_MNIST_DIR", "/no/such/folder")
+    a = ap.parse_args(["compare"])
+    cli._check_cnn_flags(ap.commands["compare"], a)
+    assert (a.dataset, a.model, a.train_subset) == ("digits", "cnn", None)
+    assert "running the small CNN on digits instead" in capsys.readouterr().err
+
+
+def test_compare_stop_auto_end_to_end(tmp_path, capsys):
+    """--stop auto reaches the searches (delta auto with it) and the outputs are whole
+    (the plot has no s line to draw)."""
+    out = tmp_path / "auto"
+    assert cli.main(["compare", *TINY, "--stop", "auto", "--no-controls", "--out", str(out)]) == 0
+    capsys.readouterr()
+    rec, _ = _check_outputs(out, ["EB Train", "WORM"], 2, columns=False)   # no dense row: no ratio
+    assert (rec["config"]["stop"], rec["config"]["delta"]) == ("auto", "auto")

@@ -99,3 +99,66 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"worm {worm.__version__}"
+
+
+# ------------------------------------------------------------------ issue 17: the CLI's own errors
+def test_sweep_r_refuses_r_above_one_while_parsing(capsys):
+    line = _refused(capsys, ["sweep-r", "--rs", "2", "--quiet"])
+    assert line.startswith("worm sweep-r: error: argument --rs: 2 is outside [0, 1]"), line
+
+
+def test_rs_has_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["sweep-r", "--help"])
+    out = capsys.readouterr().out
+    assert "--rs R [R ...]" in out and "truncation factors r in [0, 1]" in out
+
+
+def test_missing_dataset_is_a_usage_error_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORM_CIFAR10_DIR", raising=False)
+    line = _refused(capsys, ["compare", "--dataset", "cifar10", "--quiet", "--out", str(tmp_path / "o")])
+    assert line.startswith("worm compare: error: --dataset cifar10: CIFAR-10 location not given")
+    assert "--data-root ROOT" in line
+    assert not (tmp_path / "o").exists()
+    line = _refused(capsys, ["sweep-r", "--dataset", "fashion-mnist", "--data-root", str(tmp_path),
+                             "--quiet"])
+    assert line.startswith("worm sweep-r: error: --dataset fashion-mnist: Fashion-MNIST not found")
+
+
+@pytest.mark.parametrize("argv, cmd", [
+    (["compare", "--bogus"], "compare"), (["sweep-r", "--task", "minilm-rt"], "sweep-r"),
+    (["sweep-r", "--no-controls"], "sweep-r"),
+])
+def test_usage_errors_name_the_subcommand(argv, cmd, capsys):
+    line = _refused(capsys, argv)
+    assert line.startswith(f"worm {cmd}: error: unrecognized arguments:") and f"see worm {cmd} --help" in line
+
+
+def test_prune_and_controls_flags(capsys):
+    a = cli._parser().parse_args(["compare", "--prune", "weights", "--no-controls", "--recal-batches", "0"])
+    cfg = cli._cnn_config(a)
+    assert (cfg.prune, cfg.controls, cfg.recal_batches) == ("weights", False, 0)
+    cfg = cli._cnn_config(cli._parser().parse_args(["compare"]))
+    assert (cfg.prune, cfg.controls, cfg.recal_batches) == ("channels", True, 20)
+    assert "argument --prune: invalid choice" in _refused(capsys, ["compare", "--prune", "filters"])
+    assert "--prune applies to CNN runs" in _refused(capsys, ["compare", "--task", "minilm-rt",
+                                                               "--prune", "weights"])
+
+
+def test_stop_auto_takes_delta_auto():
+    a = cli._parser().parse_args(["compare", "--stop", "auto"])
+    cfg = cli._cnn_config(a)
+    assert (cfg.stop, cfg.delta) == ("auto", "auto")
+    a = cli._parser().parse_args(["compare", "--delta", "auto"])
+    assert (cli._cnn_config(a).stop, cli._cnn_config(a).delta) == (0.1, "auto")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--stop", "auto", "--delta", "0.05"], "--stop auto has no s: use --delta auto"),
+    (["--stop", "1.5"], "--stop: 1.5 is outside (0, 1]"),
+    (["--stop", "Auto"], "is not a number"),
+    (["--delta", "automatic"], "is not a number"),
+])
+def test_stop_and_delta_auto_refusals(argv, says, capsys):
+    line = _refused(capsys, ["compare", *argv, "--quiet"])
+    assert says in line, line

@@ -113,14 +113,14 @@ def test_init_state_is_a_function_of_the_seed():
 
 def test_both_methods_start_from_the_same_weights_and_data(monkeypatch):
     seen = []
-    real = ex.run_one
+    real = ex.search_one
 
     def spy(cfg, seed, mode, init_state, *args, **kw):
         seen.append((seed, mode, copy.deepcopy(init_state)))
         return real(cfg, seed, mode, init_state, *args, **kw)
 
-    monkeypatch.setattr(ex, "run_one", spy)
-    result = ex.compare(_tiny(seeds=(0, 1), max_epochs=2))
+    monkeypatch.setattr(ex, "search_one", spy)
+    result = ex.compare(_tiny(seeds=(0, 1), max_epochs=2, controls=False))
     assert [(s, m) for s, m, _ in seen] == [(0, "eb"), (0, "worm"), (1, "eb"), (1, "worm")]
     for i in (0, 2):
         eb, wo = seen[i][2], seen[i + 1][2]
@@ -146,7 +146,7 @@ def test_accuracy_is_measured_on_the_test_split(monkeypatch):
             return train, TensorDataset(x, label_fn(y)), info
         return load
 
-    cfg = _tiny(max_epochs=2, retrain_epochs=2)
+    cfg = _tiny(max_epochs=2, retrain_epochs=2, controls=False)
     # Labels the network can never predict: accuracy on the test split is exactly 0,
     # on anything else (e.g. the training split) it would not be.
     monkeypatch.setattr(wdata, "load", load_with_test_labels(lambda y: torch.full_like(y, 10)))

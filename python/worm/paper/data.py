@@ -106,7 +106,7 @@ def _find(directory: str, stem: str) -> Optional[str]:
 
 
 # ------------------------------------------------------------------ datasets
-def _fashion_mnist(root: Optional[str]):
+def _fashion_paths(root: Optional[str]):
     d = root or os.environ.get("WORM_FASHION_MNIST_DIR") or FASHION_MNIST_DIR
     stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -118,6 +118,11 @@ def _fashion_mnist(root: Optional[str]):
             "Install it with `apt-get install dataset-fashion-mnist` (files go to "
             f"{FASHION_MNIST_DIR}), or point root= / WORM_FASHION_MNIST_DIR at a folder "
             "holding the four IDX files.")
+    return d, paths
+
+
+def _fashion_mnist(root: Optional[str]):
+    d, paths = _fashion_paths(root)
     out = []
     for img_path, lab_path in ((paths[0], paths[1]), (paths[2], paths[3])):
         labels = _read_idx(lab_path, 8, 2049).astype(np.int64)
@@ -193,6 +198,16 @@ def _cifar10(root: Optional[str]):
 _LOADERS = {"fashion-mnist": _fashion_mnist, "digits": _digits, "cifar10": _cifar10}
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
             "cifar-10": "cifar10", "cifar_10": "cifar10"}
+
+
+def check_available(name: str, root: Optional[str] = None) -> None:
+    """Raise :class:`DatasetNotFound` (saying how to get it) when ``name``'s files are not
+    there; reads nothing but the folder listing, so callers can check before a long run."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key == "cifar10":
+        _cifar_dir(root)
+    elif key == "fashion-mnist":
+        _fashion_paths(root)
 
 
 def load(name: str, *, root: Optional[str] = None, train_subset: Optional[int] = None,

@@ -1,13 +1,20 @@
-"""The paper's CNN experiments: EB Train vs WORM (Tables 2/3, Figure 1) and the
-truncation sweep (Table 1), on the built-in datasets.
+"""The paper's CNN experiments: EB Train vs WORM (Tables 2/3, Figure 1) with controls,
+and the truncation sweep (Table 1), on the built-in datasets.
 
-Every run of a seed starts both methods from the same initial weights and the same
-data order; accuracy is always measured on the test split.
+Every seed starts both searches from the same initial weights and the same data
+order; every pruned variant is retrained on the same batches; accuracy is always
+measured on the test split. The controls (``cfg.controls``) are built from EB
+Train's searched weights, so they differ from EB Train's row in one thing each:
+
+* ``dense``: EB's searched model, not pruned, trained on for the retraining budget
+  (as long as EB's search + retraining);
+* ``random ticket``: in every layer as many channels (entries) as EB's ticket keeps
+  there, chosen at random;
+* ``uniform ticket``: every layer pruned by the same share p (same total).
 """
 from __future__ import annotations
 
 import copy
-import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -17,11 +24,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import controls as _ctl
 from . import data as _data
 from . import models as _models
+from ..bn import recalibrate_bn
 from ..optim import WormSGD
-from ..prune import count_flops, count_params, prune_channels, prune_report
+from ..prune import prune_report
 from ..search import EarlyBird
+# the reporting helpers live in .report; re-exported for callers of this module
+from .report import (COLUMNS, format_table, nan_to_none, plot_distances, summary_rows,  # noqa: F401
+                     window_note, write_csv, _events)
 
 try:
     from tqdm.auto import tqdm
@@ -34,6 +46,9 @@ except ImportError:  # progress bars are a nicety
 # window fills and barely recovers from losing half its channels; at width 2 it reaches
 # ~96% and recovers within an epoch or two, and 3 seeds still run in minutes on 2 cores.
 DEFAULT_WIDTH = {"cnn": 2.0}
+
+METHODS = {"eb": "EB Train", "worm": "WORM"}
+CONTROL_LABELS = {"dense": "dense (no pruning)", "random": "random ticket", "uniform": "uniform ticket"}
 
 
 def default_width(model: str) -> float:
@@ -50,7 +65,7 @@ class CNNConfig:
     data_root: Optional[str] = None
     seeds: tuple = (0, 1, 2)
     max_epochs: int = 30
-    retrain_epochs: int = 3
+    retrain_epochs: int = 5
     batch_size: int = 32        # 45 steps per digits epoch: 64 gave too few to train on 1437 images
     lr: float = 0.01            # paper: SGD, lr 0.01 held static, momentum 0.9
     momentum: float = 0.9
@@ -64,6 +79,9 @@ class CNNConfig:
     l1: float = 0.0             # network slimming on the BN gammas (EB's recipe: 1e-4; CLI default)
     max_pruning_ratio: Optional[float] = None   # per-layer floor when pruning (None: off, as EB)
     coupled: str = "any"        # how coupled channels are decided (worm.prune_channels)
+    prune: str = "channels"     # "channels" (Early-Bird's) | "weights" (the paper authors')
+    controls: bool = True       # compare: dense, random and uniform tickets beside the methods
+    recal_batches: int = 20     # training batches for worm.recalibrate_bn after pruning (0: off)
     latency: bool = True        # measure CPU latency dense vs pruned (worm.prune_report)
     threads: Optional[int] = None
     progress: bool = True
@@ -72,6 +90,8 @@ class CNNConfig:
     def __post_init__(self):
         if self.width is None:
             self.width = default_width(self.model)
+        if self.prune not in _ctl.PROTOCOLS:
+            raise ValueError(f"prune must be one of {_ctl.PROTOCOLS}, got {self.prune!r}")
 
 
 def evaluate(model: nn.Module, loader: DataLoader) -> float:
@@ -109,7 +129,7 @@ def _loader(ds, batch_size, seed=None, shuffle=False):
 def _restore_epochs(pre: float, pruned: float, accs: list, frac: float):
     """Retraining epochs until accuracy >= frac * pre (0: already); None: not within the run."""
     goal = frac * pre
-    if pruned >= goal:
+    if pruned is not None and pruned >= goal:
         return 0
     for i, a in enumerate(accs, start=1):
         if a >= goal:
@@ -117,68 +137,190 @@ def _restore_epochs(pre: float, pruned: float, accs: list, frac: float):
     return None
 
 
-def run_one(cfg: CNNConfig, seed: int, mode: str, init_state: dict, train, test, info,
-            label: Optional[str] = None, r: Optional[float] = None) -> dict:
-    """One search + prune + retrain from ``init_state``; returns the metrics row."""
-    dev = torch.device("cpu")
+def _recalibrated(model, train, cfg, seed) -> bool:
+    """Fresh BN statistics from ``cfg.recal_batches`` training batches; False when off."""
+    if cfg.recal_batches <= 0:
+        return False
+    loader = _loader(train, cfg.batch_size, seed=seed * 1000 + 999, shuffle=True)
+    batches = [b for _, b in zip(range(cfg.recal_batches), loader)]
+    recalibrate_bn(model, batches)
+    return True
+
+
+def search_one(cfg: CNNConfig, seed: int, mode: str, init_state: dict, train, test, info,
+               label: Optional[str] = None, r: Optional[float] = None):
+    """One search from ``init_state``: ``(model, ticket, fields)``."""
     torch.manual_seed(seed)
-    model = _models.build(cfg.model, info["in_channels"], info["num_classes"], cfg.width).to(dev)
+    model = _models.build(cfg.model, info["in_channels"], info["num_classes"], cfg.width)
     model.load_state_dict(init_state)
     opt = WormSGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     search = EarlyBird(model, opt, mode=mode, layers="bn", prune_ratio=cfg.prune_ratio,
                        window=cfg.window, stop=cfg.stop, delta=cfg.delta,
                        r=cfg.r if r is None else r, l1=cfg.l1)
-    test_loader = _loader(test, 512)
     label = label or mode
-    t0 = time.perf_counter()
-    losses = []
+    losses, epoch_times = [], []
     for epoch in range(1, cfg.max_epochs + 1):
         # data order depends on (seed, epoch) only: identical for both methods
         loader = _loader(train, cfg.batch_size, seed=seed * 1000 + epoch, shuffle=True)
+        t0 = time.perf_counter()
         losses.append(train_epoch(model, opt, loader, f"{label} s{seed} e{epoch}", cfg.progress))
-        if search.step().found:
+        found = search.step().found
+        epoch_times.append(time.perf_counter() - t0)
+        if found:
             break
-    search_time = time.perf_counter() - t0
+    test_loader = _loader(test, 512)
     pre_acc = evaluate(model, test_loader)
     ticket = search.ticket if search.found else search.mask
     search.close()
-
-    t1 = time.perf_counter()
-    example = torch.zeros(1, info["in_channels"], 32, 32)
-    small, plan = prune_channels(model, ticket, example, coupled=cfg.coupled,
-                                 max_pruning_ratio=cfg.max_pruning_ratio, return_plan=True)
-    pruned_acc = evaluate(small, test_loader)
-    ropt = torch.optim.SGD(small.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
-    accs = []
-    for e in range(1, cfg.retrain_epochs + 1):
-        loader = _loader(train, cfg.batch_size, seed=seed * 1000 + 500 + e, shuffle=True)
-        train_epoch(small, ropt, loader, f"{label} s{seed} retrain {e}", cfg.progress)
-        accs.append(evaluate(small, test_loader))
-    retrain_time = time.perf_counter() - t1
-    shape = (1, info["in_channels"], 32, 32)
+    probe = copy.deepcopy(model)
+    pre_recal = evaluate(probe, test_loader) if _recalibrated(probe, train, cfg, seed) else None
     hist = search.history
-    latency = {}
-    if cfg.latency:
-        rep = prune_report(model, small, example, threads=1)
-        latency = {"latency_ms": rep["latency_ms"], "latency_ratio_b1": rep["latency_ratio"][1],
-                   "latency_ratio_b32": rep["latency_ratio"][32]}
-    return {
+    fields = {
         "seed": seed, "method": label, "mode": mode, "r": search.r,
         "found": search.found, "search_epochs": len(hist),
         "truncation_epoch": next((h.index for h in hist if h.truncating), None),
-        "pre_prune_acc": pre_acc, "pruned_acc": pruned_acc,
-        "retrain1_acc": accs[0] if accs else None, "retrain_accs": accs,
-        "restore_epochs": _restore_epochs(pre_acc, pruned_acc, accs, cfg.restore),
-        "search_time_s": search_time, "time_s": search_time + retrain_time,
-        "sampling_time_s": sum(h.seconds for h in hist),
-        "params_before": count_params(model), "params_after": count_params(small),
-        "flops_before": count_flops(model, shape), "flops_after": count_flops(small, shape),
-        "ticket_departure": plan.departure, "plan": plan.summary(),
-        "l1": cfg.l1, "max_pruning_ratio": cfg.max_pruning_ratio, **latency,
-        "d_max": [h.d_max for h in hist], "d_avg": [h.d_avg for h in hist],
-        "train_loss": losses,
+        "pre_prune_acc": pre_acc, "pre_prune_recal_acc": pre_recal,
+        "l1": cfg.l1, "max_pruning_ratio": cfg.max_pruning_ratio,
+        "search_time_s": sum(epoch_times), "epoch_time_s": statistics.fmean(epoch_times),
+        "epoch_times_s": epoch_times,
+        # the median: a process's first sampling step also pays one-time set-up
+        "sampling_ms": 1000 * statistics.median(h.seconds for h in hist),
+        "d_max": [h.d_max for h in hist], "d_avg": [h.d_avg for h in hist], "train_loss": losses,
     }
+    return model, _ctl.as_param_ticket(model, ticket), fields
+
+
+def retrain(cfg, seed, model, train, test, label, masks=None):
+    """``cfg.retrain_epochs`` of plain SGD on the shared retraining batches:
+    ``(accuracy after each epoch, seconds per epoch)``."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    _ctl.keep_masks(model, masks, opt)
+    test_loader = _loader(test, 512)
+    accs, times = [], []
+    for e in range(1, cfg.retrain_epochs + 1):
+        loader = _loader(train, cfg.batch_size, seed=seed * 1000 + 500 + e, shuffle=True)
+        t0 = time.perf_counter()
+        train_epoch(model, opt, loader, f"{label} s{seed} retrain {e}", cfg.progress)
+        times.append(time.perf_counter() - t0)
+        accs.append(evaluate(model, test_loader))
+    return accs, times
+
+
+def _retrained_fields(cfg, pre, pruned, recal, accs):
+    return {"pruned_acc": pruned, "pruned_recal_acc": recal,
+            "retrain1_acc": accs[0] if accs else None, "final_acc": accs[-1] if accs else None,
+            "retrain_accs": accs, "retrain_epochs": len(accs),
+            "restore_epochs": _restore_epochs(pre, recal if recal is not None else pruned, accs, cfg.restore)}
+
+
+def prune_and_retrain(cfg, seed, model, ticket, train, test, info, label, base) -> dict:
+    """Prune ``model`` (left unchanged) by ``ticket`` under ``cfg.prune``, recalibrate the
+    BN statistics, retrain; ``base``'s fields plus the pruned variant's."""
+    t0 = time.perf_counter()
+    example = torch.zeros(1, info["in_channels"], 32, 32)
+    src = copy.deepcopy(model) if cfg.prune == "weights" else model
+    if cfg.prune == "weights" and ticket is None:
+        ticket = _ctl.weight_ticket(src, cfg.prune_ratio)
+    elif cfg.prune == "weights":   # a ticket of the model's weights: re-key it to the copy
+        by_id = dict(zip((id(p) for p in model.parameters()), src.parameters()))
+        ticket = {by_id[id(p)]: k for p, k in ticket.items()}
+    small, fields, masks = _ctl.make_variant(src, ticket, cfg.prune, example, cfg.coupled,
+                                             cfg.max_pruning_ratio, label)
+    test_loader = _loader(test, 512)
+    if masks:
+        _ctl.keep_masks(small, masks, None)   # zeroed before the first evaluation
+    pruned = evaluate(small, test_loader)
+    recal = evaluate(small, test_loader) if _recalibrated(small, train, cfg, seed) else None
+    accs, times = retrain(cfg, seed, small, train, test, label, masks)
+    row = dict(base, method=label, protocol=cfg.prune, **fields,
+               **_retrained_fields(cfg, base["pre_prune_acc"], pruned, recal, accs))
+    row["retrain_epoch_s"] = statistics.fmean(times) if times else None
+    row["time_s"] = base.get("search_time_s", 0.0) + time.perf_counter() - t0
+    row["total_epochs"] = base.get("search_epochs", 0) + len(accs)
+    if cfg.latency and cfg.prune == "channels" and label not in CONTROL_LABELS.values():
+        rep = prune_report(model, small, example, threads=1)
+        row.update(latency_ms=rep["latency_ms"], latency_ratio_b1=rep["latency_ratio"][1],
+                   latency_ratio_b32=rep["latency_ratio"][32])
+    return row
+
+
+def run_one(cfg: CNNConfig, seed: int, mode: str, init_state: dict, train, test, info,
+            label: Optional[str] = None, r: Optional[float] = None) -> dict:
+    """One search + prune (its own ticket) + retrain from ``init_state``: the metrics row."""
+    model, ticket, base = search_one(cfg, seed, mode, init_state, train, test, info, label, r)
+    if cfg.prune == "weights":
+        ticket = None          # the paper authors' protocol ignores the BN ticket
+    return prune_and_retrain(cfg, seed, model, ticket, train, test, info, label or mode, base)
+
+
+def control_rows(cfg, seed, model, ticket, base, train, test, info) -> list:
+    """Dense, random and uniform controls from EB's searched ``model`` and ``ticket``."""
+    rows = []
+    keep = _ctl.weight_ticket(model, cfg.prune_ratio) if cfg.prune == "weights" else ticket
+    common = {k: base[k] for k in ("seed", "mode", "search_epochs", "pre_prune_acc",
+                                   "pre_prune_recal_acc", "search_time_s")}
+    for kind, variant in (("random", _ctl.random_like(keep, seed)),
+                          ("uniform", _ctl.uniform_like(keep, cfg.prune_ratio))):
+        rows.append(prune_and_retrain(cfg, seed, model, variant, train, test, info,
+                                      CONTROL_LABELS[kind], common))
+    dense = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    accs, times = retrain(cfg, seed, dense, train, test, CONTROL_LABELS["dense"])
+    row = dict(common, method=CONTROL_LABELS["dense"], protocol="dense",
+               **_retrained_fields(cfg, base["pre_prune_acc"], None, None, accs))
+    row.update(pruned_acc=None, epoch_time_s=statistics.fmean(times) if times else None, epoch_times_s=times,
+               retrain_epoch_s=statistics.fmean(times) if times else None,
+               time_s=base["search_time_s"] + time.perf_counter() - t0,
+               total_epochs=base["search_epochs"] + len(accs))
+    row["search_epochs"] = None   # it trained on; nothing was searched for it
+    rows.insert(0, row)
+    return rows
+
+
+def _overhead(runs: list) -> None:
+    """Each search row's seconds per epoch against plain training (the dense control's
+    epochs, same model, data and batch size) in the same seed's run."""
+    for seed in {r["seed"] for r in runs}:
+        same = [r for r in runs if r["seed"] == seed]
+        plain = next((r["epoch_time_s"] for r in same if r.get("protocol") == "dense"), None)
+        for r in same:
+            if plain and (r.get("method") in METHODS.values() or r.get("protocol") == "dense"):
+                r["epoch_time_vs_plain"] = r["epoch_time_s"] / plain
+
+
+def compare(cfg: CNNConfig) -> dict:
+    """EB Train vs WORM from the same initialisation, for each seed, with the controls."""
+    train, test, info = _prepare(cfg)
+    runs = []
+    for seed in tqdm(cfg.seeds, desc="seeds", disable=not cfg.progress):
+        init = _init_state(cfg, seed, info)
+        searched = {}
+        for mode, label in METHODS.items():
+            searched[mode] = search_one(cfg, seed, mode, init, train, test, info, label)
+        for mode, label in METHODS.items():
+            model, ticket, base = searched[mode]
+            runs.append(prune_and_retrain(cfg, seed, model, None if cfg.prune == "weights" else ticket,
+                                          train, test, info, label, base))
+        if cfg.controls:
+            runs.extend(control_rows(cfg, seed, *searched["eb"], train, test, info))
+    _overhead(runs)
+    warnings = list(dict.fromkeys(w for r in runs for w in r.get("warnings", [])))
+    return {"kind": "compare", "config": _cfg_dict(cfg), "data": _info(info), "runs": runs,
+            "warnings": warnings}
+
+
+def sweep_r(cfg: CNNConfig, rs=(1.0, 0.5, 0.1, 0.05, 0.01)) -> dict:
+    """Truncation from the first sampling step for each r (the paper's Table 1)."""
+    train, test, info = _prepare(cfg)
+    runs = []
+    for seed in tqdm(cfg.seeds, desc="seeds", disable=not cfg.progress):
+        init = _init_state(cfg, seed, info)
+        for r in rs:
+            runs.append(run_one(cfg, seed, "truncate", init, train, test, info, label=f"r = {r:g}", r=r))
+    warnings = list(dict.fromkeys(w for r in runs for w in r.get("warnings", [])))
+    return {"kind": "sweep-r", "config": _cfg_dict(cfg), "data": _info(info), "runs": runs,
+            "warnings": warnings}
 
 
 def _prepare(cfg: CNNConfig):
@@ -195,28 +337,6 @@ def _init_state(cfg, seed, info):
     return copy.deepcopy(m.state_dict())
 
 
-def compare(cfg: CNNConfig) -> dict:
-    """EB Train vs WORM from the same initialisation, for each seed."""
-    train, test, info = _prepare(cfg)
-    runs = []
-    for seed in tqdm(cfg.seeds, desc="seeds", disable=not cfg.progress):
-        init = _init_state(cfg, seed, info)
-        for mode, label in (("eb", "EB Train"), ("worm", "WORM")):
-            runs.append(run_one(cfg, seed, mode, init, train, test, info, label=label))
-    return {"kind": "compare", "config": _cfg_dict(cfg), "data": _info(info), "runs": runs}
-
-
-def sweep_r(cfg: CNNConfig, rs=(1.0, 0.5, 0.1, 0.05, 0.01)) -> dict:
-    """Truncation from the first sampling step for each r (the paper's Table 1)."""
-    train, test, info = _prepare(cfg)
-    runs = []
-    for seed in tqdm(cfg.seeds, desc="seeds", disable=not cfg.progress):
-        init = _init_state(cfg, seed, info)
-        for r in rs:
-            runs.append(run_one(cfg, seed, "truncate", init, train, test, info, label=f"r = {r:g}", r=r))
-    return {"kind": "sweep-r", "config": _cfg_dict(cfg), "data": _info(info), "runs": runs}
-
-
 def _cfg_dict(cfg):
     d = dict(cfg.__dict__)
     d["seeds"] = list(cfg.seeds)
@@ -225,190 +345,3 @@ def _cfg_dict(cfg):
 
 def _info(info):
     return {k: v for k, v in info.items() if isinstance(v, (str, int, float, list, tuple, type(None)))}
-
-
-# ------------------------------------------------------------------ reporting
-COLUMNS = [  # (key, header, kind)
-    ("search_epochs", "search epochs", "num"),
-    ("pre_prune_acc", "pre-prune acc", "pct"),
-    ("pruned_acc", "acc after pruning", "pct"),
-    ("retrain1_acc", "acc after 1 retrain epoch", "pct"),
-    ("gain", "gain after 1 epoch", "pct"),
-    ("restore_epochs", "epochs to 90% restore", "reach"),  # None: not reached in the run
-    ("found", "ticket found", "frac"),
-    ("params_kept", "params kept", "pct"),
-    ("flops_kept", "MACs kept", "pct"),
-    ("latency_ratio_b1", "CPU latency pruned/dense, batch 1", "pct"),
-    ("latency_ratio_b32", "CPU latency pruned/dense, batch 32", "pct"),
-    ("ticket_departure", "channels departing from ticket", "pct"),
-    ("time_s", "wall time (s)", "num"),
-]
-
-
-def _value(run, key):
-    if key == "gain":
-        a, b = run.get("retrain1_acc"), run.get("pre_prune_acc")
-        return None if a is None or b is None else a - b
-    if key in ("params_kept", "flops_kept"):
-        what = key.split("_")[0]
-        if not run.get(f"{what}_before"):
-            return None
-        return run[f"{what}_after"] / run[f"{what}_before"]
-    v = run.get(key)
-    if isinstance(v, bool):
-        return float(v)
-    return v
-
-
-def _fmt(values, kind):
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "not reached" if kind == "reach" else "n/a"
-    miss = len(values) - len(vals)
-    mean = statistics.fmean(vals)
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    if kind == "pct":
-        s = f"{100 * mean:.2f}% ± {100 * sd:.2f}"
-    elif kind == "frac":
-        s = f"{sum(vals):g}/{len(vals)}"
-    else:
-        s = f"{mean:.2f} ± {sd:.2f}"
-    return s + (f" ({miss} not reached)" if miss else "")
-
-
-def summary_rows(result: dict) -> list:
-    methods = []
-    for r in result["runs"]:
-        if r["method"] not in methods:
-            methods.append(r["method"])
-    # one column set for all methods, or rows would not line up with the header
-    cols = [c for c in COLUMNS if any(_value(r, c[0]) is not None for r in result["runs"])]
-    rows = []
-    for m in methods:
-        runs = [r for r in result["runs"] if r["method"] == m]
-        rows.append((m, len(runs), [(h, _fmt([_value(r, k) for r in runs], kind)) for k, h, kind in cols]))
-    return rows
-
-
-def format_table(result: dict) -> str:
-    rows = summary_rows(result)
-    headers = ["method", "seeds"] + [h for h, _ in rows[0][2]]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for m, n, cells in rows:
-        lines.append("| " + " | ".join([m, str(n)] + [v for _, v in cells]) + " |")
-    return "\n".join(lines)
-
-
-def write_csv(result: dict, path) -> None:
-    import csv
-    scalar = [k for k, v in result["runs"][0].items() if not isinstance(v, (list, dict))]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=scalar + ["gain"])
-        w.writeheader()
-        for r in result["runs"]:
-            row = {k: r.get(k) for k in scalar}
-            row["gain"] = _value(r, "gain")
-            w.writerow(row)
-
-
-def _events(run: dict):
-    """(sampling step where truncation switched on or None, step where the ticket was
-    found or None, number of sampling steps) for a CNN or a text record."""
-    hist = run.get("history")
-    if hist:
-        on = next((h.get("index") for h in hist if h.get("truncating")), None)
-        found = hist[-1].get("index") if hist[-1].get("found") else None
-        return on, found, len(hist)
-    n = len(run.get("d_max", []))
-    return run.get("truncation_epoch"), n if run.get("found") else None, n
-
-
-def window_note(run: dict) -> Optional[str]:
-    """A sentence for a run whose window filled at the very step its ticket was found
-    (one distance, nothing to draw); None for any other run."""
-    on, found, _ = _events(run)
-    d_max = run["d_max"] if "d_max" in run else [h.get("d_max") for h in run.get("history", [])]
-    if found is None or sum(v is not None for v in d_max) > 1:
-        return None
-    d = d_max[found - 1] if found - 1 < len(d_max) else None
-    return (f"{run['method']} seed {run['seed']}: the window filled at step {found} and the ticket "
-            f"was found there" + (f" (d_max {d:.3f})" if d is not None else "") + "; not drawn")
-
-
-def plot_distances(result: dict, path) -> None:
-    """d_max and d_avg per sampling step, each method (the paper's Figure 1).
-
-    A triangle marks the step where WORM switched truncation on, a star the step where
-    the ticket was found. A run whose window filled at the very step the ticket was
-    found has one distance, not a trajectory: it is listed in a note, not drawn.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    cfg = result["config"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    colors, notes, labelled = {}, [], set()
-    for r in result["runs"]:
-        c = colors.setdefault(r["method"], f"C{len(colors)}")
-        # CNN records keep d_max/d_avg lists; text records keep the search history
-        series = {k: r[k] if k in r else [h.get(k) for h in r.get("history", [])]
-                  for k in ("d_max", "d_avg")}
-        xs = [i + 1 for i, v in enumerate(series["d_max"]) if v is not None]
-        on, found, n = _events(r)
-        note = window_note(r)
-        if note:
-            notes.append(note)
-            continue
-        for ax, key in zip(axes, ("d_max", "d_avg")):
-            ys = {i + 1: v for i, v in enumerate(series[key]) if v is not None}
-            first = r["method"] not in labelled
-            ax.plot(xs, [ys[x] for x in xs], "-o", ms=3, color=c, alpha=0.75,
-                    label=r["method"] if first else None)
-            if on is not None:
-                if on in ys:
-                    ax.plot([on], [ys[on]], "^", ms=9, color=c, mec="k",
-                            label="truncation on" if "on" not in labelled else None)
-                else:  # switched on before the window was full ("truncate" mode)
-                    ax.axvline(on, color=c, ls=":", lw=1,
-                               label="truncation on" if "on" not in labelled else None)
-            if found is not None and found in ys:
-                ax.plot([found], [ys[found]], "*", ms=12, color=c, mec="k",
-                        label="ticket found" if "found" not in labelled else None)
-        labelled.add(r["method"])
-        if on is not None:
-            labelled.add("on")
-        if found is not None:
-            labelled.add("found")
-    stop, delta = cfg.get("stop"), cfg.get("delta")
-    for ax, key in zip(axes, ("d_max", "d_avg")):
-        if stop is not None:
-            ax.axhline(stop, color="k", ls="--", lw=1, label=f"stop s = {stop:g}")
-        if key == "d_avg" and delta is not None:
-            ax.axhline(stop + delta, color="gray", ls=":", lw=1, label=f"trigger s + δ = {stop + delta:g}")
-        ax.set_xlabel("sampling step" if cfg.get("every") else "epoch (sampling step)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"{key} over the window (one line per seed)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("mask distance")
-    fig.suptitle(f"{cfg.get('model', '')} on {cfg.get('dataset', cfg.get('task', ''))}: mask distance, "
-                 f"window {cfg.get('window')}")
-    if notes:
-        fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, va="bottom")
-        fig.tight_layout(rect=(0, 0.04 * len(notes) + 0.02, 1, 1))
-    else:
-        fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def nan_to_none(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [nan_to_none(v) for v in obj]
-    return obj
