@@ -172,8 +172,12 @@ class MaskWindow:
 
     # ------------------------------------------------------------- state dict
     def state(self) -> dict:
-        """The saved form of :mod:`worm.window_state`, the same in every layout."""
-        return {"ring": window_state.plain_state(self), "count": self.count,
+        """The saved form of :mod:`worm.window_state`, the same in every layout. A set of
+        head/neuron scores is not entries of parameters (and runs on one process or DDP
+        only), so its ring is saved as it is: the flat ``[l, B]`` form."""
+        structured = any(getattr(rep, "structured", False) for rep in self.reps)
+        ring = self.ring.clone() if structured else window_state.plain_state(self)
+        return {"ring": ring, "count": self.count,
                 "layout": window_state.plain_layout()}
 
     def load(self, ring, count: int, saved: str = "another search") -> None:
