@@ -8,13 +8,13 @@ tensor among them.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
+
+from .timing import call, latency_ms
 
 __all__ = ["count_params", "count_flops", "pruning_report", "format_report", "prune_report",
            "default_example", "call"]
@@ -37,15 +37,6 @@ def default_example(model: nn.Module) -> torch.Tensor:
     p = next(model.parameters(), None)
     return torch.zeros(_default_input(model), device=p.device if p is not None else "cpu",
                        dtype=p.dtype if p is not None else torch.float32)
-
-
-def call(model: nn.Module, inputs):
-    """``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict, else ``model(inputs)``."""
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(inputs)
 
 
 def _zeros(model: nn.Module, input_size) -> torch.Tensor:
@@ -121,21 +112,6 @@ def format_report(rep: Mapping) -> str:
 
 
 # ------------------------------------------------------------- dense vs pruned
-def _latency_ms(model: nn.Module, x, reps: int, min_time: float) -> float:
-    """Median wall time of one forward, in ms, after two warm-up calls."""
-    with torch.no_grad():
-        for _ in range(2):
-            call(model, x)
-        times, t_end = [], time.perf_counter() + min_time
-        while len(times) < reps or time.perf_counter() < t_end:
-            t0 = time.perf_counter()
-            call(model, x)
-            times.append(time.perf_counter() - t0)
-            if len(times) >= 10 * reps:
-                break
-    return 1000 * statistics.median(times)
-
-
 def _first_rows(inputs):
     """Every tensor's first row, on the CPU (floating tensors in fp32)."""
     def one(t):
@@ -188,7 +164,7 @@ def prune_report(dense: nn.Module, pruned: nn.Module, example_inputs=None, *,
         lat = {}
         for b in batch_sizes:
             x = _batched(one, int(b))
-            lat[int(b)] = {k: _latency_ms(m, x, reps, min_time) for k, m in models.items()}
+            lat[int(b)] = {k: latency_ms(m, x, reps, min_time) for k, m in models.items()}
     finally:
         torch.set_num_threads(old_threads)
     rep["latency_ms"] = lat

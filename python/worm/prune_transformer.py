@@ -27,8 +27,6 @@ kept, with a warning (the realised model then departs from the ticket there).
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 import warnings
 from typing import Mapping, Optional, Sequence
 
@@ -37,6 +35,7 @@ from torch import nn
 
 from .heads import StructRep, members_of
 from .layouts import attention_layouts, ffn_layouts
+from .timing import call as _call, latency_ms as _latency_ms
 
 __all__ = ["prune_structures", "load_pruned", "structured_plan", "transformer_report",
            "is_structured_ticket", "is_transformer"]
@@ -298,14 +297,6 @@ def load_pruned(dense: nn.Module, ticket: Mapping, state_dict: Mapping) -> nn.Mo
 
 
 # ---------------------------------------------------------------- measuring
-def _call(model: nn.Module, x):
-    if isinstance(x, Mapping):
-        return model(**x)
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    return model(x)
-
-
 def _macs(model: nn.Module, x) -> int:
     """MACs of one forward: every Linear/Conv1D plus attention's QK^T and AV products."""
     conv1d = type(None)
@@ -334,20 +325,6 @@ def _macs(model: nn.Module, x) -> int:
         for h in handles:
             h.remove()
     return total[0]
-
-
-def _latency_ms(model, x, reps: int, min_time: float) -> float:
-    with torch.no_grad():
-        for _ in range(2):
-            _call(model, x)
-        times, t_end = [], time.perf_counter() + min_time
-        while len(times) < reps or time.perf_counter() < t_end:
-            t0 = time.perf_counter()
-            _call(model, x)
-            times.append(time.perf_counter() - t0)
-            if len(times) >= 10 * reps:
-                break
-    return 1000 * statistics.median(times)
 
 
 def _batch(x, b: int):
