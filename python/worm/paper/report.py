@@ -178,7 +178,8 @@ def plot_distances(result: dict, path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{key} over the window (one line per seed)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a run with no line to label (stop="auto") has none
+            ax.legend(fontsize=8)
     axes[0].set_ylabel("mask distance")
     fig.suptitle(f"{cfg.get('model', '')} on {cfg.get('dataset', cfg.get('task', ''))}: mask distance, "
                  f"window {cfg.get('window')}")
