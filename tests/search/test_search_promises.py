@@ -161,6 +161,14 @@ def test_ties_are_warned_and_the_realised_share_recorded():
         warnings.simplefilter("error")
         rec2 = s2.step()
     assert rec2.pruned == 0.25 == 1 - s2.mask[m2[1].weight].float().mean().item()
+    # one stray tie among 1000 trained weights: recorded, not warned about (0.1 point)
+    x = torch.arange(1000.0)
+    x[500] = 499.0
+    s3 = worm.EarlyBird(None, None, mode="eb", layers=[x], window=2, prune_ratio=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec3 = s3.step()
+    assert rec3.pruned == 0.501
 
 
 # ------------------------------------------------------------------- resume
