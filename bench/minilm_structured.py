@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -123,7 +124,8 @@ def main():
                         "max_len": a.max_len, "struct": {"layers": "heads+ffn", "ratios": "1/3 heads, "
                                                          "0.4 ffn per layer"},
                         "qk": QK, "rule": RULE, "threads": a.threads,
-                        "device": f"2-core CPU (shared, loaded), torch {torch.__version__}",
+                        "device": f"{os.cpu_count()}-core CPU ({platform.machine()}), load average "
+                                  f"{os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}",
                         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
     train_set, test_set = _text.rotten_tomatoes(a.n_train, a.n_test, seed=0)
     for seed in a.seeds:
