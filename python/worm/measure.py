@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .timing import call, latency_ms
+from .timing import call, dense_vs_pruned
 
 __all__ = ["count_params", "count_flops", "pruning_report", "format_report", "prune_report",
            "default_example", "call"]
@@ -157,21 +157,9 @@ def prune_report(dense: nn.Module, pruned: nn.Module, example_inputs=None, *,
     rep["flops_pruned"] = count_flops(models["pruned"], inputs=one)
     rep["params_kept"] = rep["params_pruned"] / max(rep["params_dense"], 1)
     rep["flops_kept"] = rep["flops_pruned"] / max(rep["flops_dense"], 1)
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        lat = {}
-        for b in batch_sizes:
-            x = _batched(one, int(b))
-            lat[int(b)] = {k: latency_ms(m, x, reps, min_time) for k, m in models.items()}
-    finally:
-        torch.set_num_threads(old_threads)
-    rep["latency_ms"] = lat
-    rep["latency_ratio"] = {b: v["pruned"] / v["dense"] for b, v in lat.items()}
-    rep["threads"] = threads or old_threads
-    lat_txt = ", ".join(f"batch {b}: {v['dense']:.2f} -> {v['pruned']:.2f} ms "
-                        f"({100 * rep['latency_ratio'][b]:.0f}%)" for b, v in lat.items())
+    timed = dense_vs_pruned(models, lambda b: _batched(one, b), batch_sizes, reps, min_time, threads)
+    lat_txt = timed.pop("text")
+    rep.update(timed)
     plan = plan if plan is not None else getattr(pruned, "_worm_plan", None)
     rep["plan"] = plan.summary() if plan is not None else None
     ticket_txt = plan.departure_text() if plan is not None else \

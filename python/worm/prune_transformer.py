@@ -35,7 +35,7 @@ from torch import nn
 
 from .heads import StructRep, members_of
 from .layouts import attention_layouts, ffn_layouts
-from .timing import call as _call, latency_ms as _latency_ms
+from .timing import call as _call, dense_vs_pruned
 
 __all__ = ["prune_structures", "load_pruned", "structured_plan", "transformer_report",
            "is_structured_ticket", "is_transformer"]
@@ -348,19 +348,10 @@ def transformer_report(dense: nn.Module, pruned: nn.Module, example_inputs, *,
     rep.update({f"flops_{k}": _macs(m, one) for k, m in models.items()})
     rep["params_kept"] = rep["params_pruned"] / max(rep["params_dense"], 1)
     rep["flops_kept"] = rep["flops_pruned"] / max(rep["flops_dense"], 1)
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        lat = {int(b): {k: _latency_ms(m, _batch(example_inputs, int(b)), reps, min_time)
-                        for k, m in models.items()} for b in batch_sizes}
-    finally:
-        torch.set_num_threads(old)
-    rep["latency_ms"] = lat
-    rep["latency_ratio"] = {b: v["pruned"] / v["dense"] for b, v in lat.items()}
-    rep["threads"] = threads or old
-    lat_txt = ", ".join(f"batch {b}: {v['dense']:.2f} -> {v['pruned']:.2f} ms "
-                        f"({100 * rep['latency_ratio'][b]:.0f}%)" for b, v in lat.items())
+    timed = dense_vs_pruned(models, lambda b: _batch(example_inputs, b), batch_sizes, reps,
+                            min_time, threads)
+    lat_txt = timed.pop("text")
+    rep.update(timed)
     rep["text"] = (f"params {rep['params_dense']:,} -> {rep['params_pruned']:,} "
                    f"({100 * rep['params_kept']:.1f}% kept); MACs {rep['flops_dense']:,} -> "
                    f"{rep['flops_pruned']:,} ({100 * rep['flops_kept']:.1f}% kept); CPU latency {lat_txt}")
